@@ -1,0 +1,68 @@
+"""Shared helpers for the tests.
+
+Every test that needs several processes starts them for real (gloo on CPU) as
+subprocesses, exactly as a learner would from the shell. Nothing in
+torch.distributed is mocked.
+"""
+import importlib.util
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on right now (the OS picks it), so parallel tests never collide."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def cpu_env(**extra) -> dict:
+    """Environment for a worker: CPU only, one thread per process (this machine has 2 cores)."""
+    env = dict(os.environ)
+    env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", CUDA_VISIBLE_DEVICES="")
+    env.update({k: str(v) for k, v in extra.items()})
+    return env
+
+
+def run(cmd, cwd, timeout=180, env=None, check=True) -> subprocess.CompletedProcess:
+    """Run a command, capture its output; on an unexpected exit code fail with the output shown."""
+    cmd = [str(c) for c in cmd]
+    proc = subprocess.run(cmd, cwd=cwd, env=env or cpu_env(), capture_output=True, text=True,
+                          timeout=timeout, stdin=subprocess.DEVNULL)
+    if check and proc.returncode != 0:
+        raise AssertionError(
+            f"command failed with exit code {proc.returncode}: {' '.join(cmd)}\n"
+            f"--- stdout ---\n{proc.stdout[-4000:]}\n--- stderr ---\n{proc.stderr[-4000:]}")
+    return proc
+
+
+def torchrun(nproc, script, *args, standalone=True, extra=()):
+    """The command line `torchrun --standalone --nproc-per-node N SCRIPT ARGS` (free rendezvous port)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run"]
+    if standalone:
+        cmd.append("--standalone")
+    cmd += [*extra, "--nproc-per-node", str(nproc), str(REPO / script), *args]
+    return cmd
+
+
+def load_script(filename: str):
+    """Import a numbered step script (its name starts with a digit, so `import` can't) as a module."""
+    path = REPO / filename
+    name = "step_" + path.stem
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def repo() -> Path:
+    return REPO
