@@ -1,0 +1,141 @@
+"""Step 01: train a small model on one device.
+
+This is the baseline every later step extends. It has no distributed code at all:
+one process, one device (a GPU if there is one, else the CPU), a toy regression
+task and a small Trainer class. Later steps keep these names and this structure
+so that `diff 01_single_gpu.py 02_multigpu_mp_spawn.py` shows only what is new.
+
+    python 01_single_gpu.py                  # defaults: 10 epochs, batch 32
+    python 01_single_gpu.py --max_epochs 20 --lr 0.02
+"""
+import argparse
+import json
+import os
+import time
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
+
+
+class RegressionDataset(Dataset):
+    """Synthetic data made in the script: y = w·x + small noise, so the loss can really fall.
+
+    The data has its own fixed seed, independent of the training seed: every run
+    (and, in later steps, every process) builds exactly the same samples.
+    """
+
+    def __init__(self, size: int, in_features: int = 20, noise: float = 0.05):
+        g = torch.Generator().manual_seed(1234)
+        true_weight = torch.randn(in_features, 1, generator=g)
+        self.inputs = torch.randn(size, in_features, generator=g)
+        self.targets = self.inputs @ true_weight + noise * torch.randn(size, 1, generator=g)
+
+    def __len__(self):
+        return len(self.inputs)
+
+    def __getitem__(self, index):
+        return self.inputs[index], self.targets[index]
+
+
+def pick_device() -> torch.device:
+    """A GPU (or other accelerator) if PyTorch sees one, else the CPU."""
+    accelerator = torch.accelerator.current_accelerator(check_available=True)
+    if accelerator is not None:
+        return torch.device(accelerator.type, 0)
+    return torch.device("cpu")
+
+
+class Trainer:
+    def __init__(self, model, train_data, optimizer, device, save_every, checkpoint_path, log_file):
+        self.device = device
+        self.tag = f"[{device.type}:0]"  # every line says where it comes from
+        self.model = model.to(device)
+        self.train_data = train_data
+        self.optimizer = optimizer
+        self.save_every = save_every
+        self.checkpoint_path = checkpoint_path
+        self.log_file = log_file
+
+    def _run_batch(self, source, targets):
+        self.optimizer.zero_grad()
+        output = self.model(source)
+        loss = F.mse_loss(output, targets)
+        loss.backward()
+        self.optimizer.step()
+        return loss.detach()
+
+    def _run_epoch(self, epoch):
+        batch_size = self.train_data.batch_size
+        total_loss = torch.zeros((), device=self.device)
+        for source, targets in self.train_data:
+            source, targets = source.to(self.device), targets.to(self.device)
+            total_loss += self._run_batch(source, targets)
+        steps = len(self.train_data)
+        loss = total_loss.item() / steps  # one device->host copy per epoch, not per batch
+        print(f"{self.tag} Epoch {epoch} | Batchsize {batch_size} | Steps {steps} | loss {loss:.4f}")
+        return {"epoch": epoch, "batch_size": batch_size, "steps": steps, "loss": loss}
+
+    def _save_checkpoint(self, epoch):
+        # Write to a temporary file, then rename: a crash mid-write never leaves a half file behind.
+        tmp_path = f"{self.checkpoint_path}.tmp.{os.getpid()}"
+        torch.save(self.model.state_dict(), tmp_path)
+        os.replace(tmp_path, self.checkpoint_path)
+        print(f"{self.tag} Epoch {epoch} | Training checkpoint saved at {self.checkpoint_path}")
+
+    def train(self, max_epochs: int):
+        for epoch in range(max_epochs):
+            start = time.perf_counter()
+            record = self._run_epoch(epoch)
+            record["epoch_time_s"] = time.perf_counter() - start
+            if self.log_file:
+                with open(self.log_file, "a") as f:
+                    f.write(json.dumps(record) + "\n")
+            if (epoch + 1) % self.save_every == 0 or epoch + 1 == max_epochs:
+                self._save_checkpoint(epoch)
+        print(f"{self.tag} Finished training: {max_epochs} epochs")
+
+
+def load_train_objs(args):
+    train_set = RegressionDataset(args.dataset_size)
+    model = torch.nn.Sequential(  # a small dense network: 20 -> 64 -> 1
+        torch.nn.Linear(20, 64), torch.nn.ReLU(), torch.nn.Linear(64, 1))
+    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9)
+    return train_set, model, optimizer
+
+
+def prepare_dataloader(dataset: Dataset, batch_size: int):
+    # pinned host memory speeds up copies to a GPU; it means nothing without one
+    return DataLoader(dataset, batch_size=batch_size, shuffle=True, pin_memory=torch.cuda.is_available())
+
+
+def main(args):
+    torch.manual_seed(args.seed)  # same initial weights and data order on every run
+    device = pick_device()
+    print(f"[{device.type}:0] device {device} | backend none (one process) | world_size 1 | "
+          f"threads {torch.get_num_threads()}")
+    dataset, model, optimizer = load_train_objs(args)
+    train_data = prepare_dataloader(dataset, args.batch_size)
+    trainer = Trainer(model, train_data, optimizer, device, args.save_every, args.checkpoint_path, args.log_file)
+    trainer.train(args.max_epochs)
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description="Step 01: train a toy regression model on one device.")
+    parser.add_argument("--max_epochs", type=int, default=10, help="epochs to train (default: 10)")
+    parser.add_argument("--batch_size", type=int, default=32, help="samples per batch (default: 32)")
+    parser.add_argument("--save_every", type=int, default=5, help="save a checkpoint every N epochs (default: 5)")
+    parser.add_argument("--lr", type=float, default=0.01, help="SGD learning rate (default: 0.01)")
+    parser.add_argument("--seed", type=int, default=0, help="seed for the initial weights and data order")
+    parser.add_argument("--dataset_size", type=int, default=4096, help="samples in the data set (default: 4096)")
+    parser.add_argument("--checkpoint_path", default="checkpoint.pt", help="where to save (default: checkpoint.pt)")
+    parser.add_argument("--log_file", default=None, help="append one JSON line per epoch here (for plots)")
+    args = parser.parse_args(argv)
+    for name in ("max_epochs", "batch_size", "save_every", "dataset_size"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be at least 1")
+    return args
+
+
+if __name__ == "__main__":
+    main(parse_args())
