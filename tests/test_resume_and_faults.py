@@ -1,0 +1,121 @@
+"""Step 03: snapshots, resume, fault tolerance and multi-node, with real torchrun runs on CPU."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import REPO, cpu_env, free_port, run, torchrun
+
+STEP03 = "03_multigpu_torchrun.py"
+SMALL = ["--dataset_size", "256", "--batch_size", "16", "--save_every", "1"]
+
+
+def train(tmp_path, snapshot, max_epochs, nproc=2, env=None, extra=()):
+    cmd = torchrun(nproc, STEP03, *SMALL, "--max_epochs", max_epochs, "--snapshot_path", snapshot, extra=extra)
+    return run(cmd, cwd=tmp_path, env=env)
+
+
+def load(path):
+    return torch.load(path, weights_only=True)
+
+
+def assert_identical(a, b):
+    """Bit for bit: every model tensor and every optimizer buffer, and the epoch count."""
+    assert a["epochs_run"] == b["epochs_run"]
+    for name in a["model"]:
+        assert torch.equal(a["model"][name], b["model"][name]), name
+    for key, state in a["optimizer"]["state"].items():
+        assert torch.equal(state["momentum_buffer"], b["optimizer"]["state"][key]["momentum_buffer"])
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """4 epochs in one go: the run every interrupted run must end identical to."""
+    tmp = tmp_path_factory.mktemp("uninterrupted")
+    proc = train(tmp, tmp / "snapshot.pt", 4)
+    assert "Finished training: 4 epochs" in proc.stdout
+    assert "Resuming" not in proc.stdout
+    return load(tmp / "snapshot.pt")
+
+
+def test_stopped_and_resumed_run_is_bit_identical(tmp_path, uninterrupted):
+    snapshot = tmp_path / "snapshot.pt"
+    train(tmp_path, snapshot, 2)
+    assert load(snapshot)["epochs_run"] == 2
+    proc = train(tmp_path, snapshot, 4)
+    assert f"Resuming training from snapshot {snapshot} at Epoch 2" in proc.stdout
+    assert "Epoch 1 |" not in proc.stdout  # epochs 0 and 1 are not trained again
+    assert_identical(load(snapshot), uninterrupted)
+
+
+def test_crashed_rank_is_restarted_and_resumes(tmp_path, uninterrupted):
+    snapshot = tmp_path / "snapshot.pt"
+    env = cpu_env(DDP_STEPS_CRASH_AT_EPOCH=2, DDP_STEPS_CRASH_RANK=1)
+    proc = train(tmp_path, snapshot, 4, env=env, extra=["--max-restarts", "1"])
+    output = proc.stdout + proc.stderr
+    assert "simulated crash of rank 1 at epoch 2" in output
+    assert f"Resuming training from snapshot {snapshot} at Epoch 2" in proc.stdout
+    assert "Finished training: 4 epochs" in proc.stdout
+    assert_identical(load(snapshot), uninterrupted)
+
+
+def test_crash_without_restarts_fails_loudly(tmp_path):
+    env = cpu_env(DDP_STEPS_CRASH_AT_EPOCH=1)
+    cmd = torchrun(2, STEP03, *SMALL, "--max_epochs", 3, extra=["--max-restarts", "0"])
+    proc = run(cmd, cwd=tmp_path, env=env, check=False)
+    assert proc.returncode != 0
+    assert "simulated crash" in proc.stdout + proc.stderr
+    assert load(tmp_path / "snapshot.pt")["epochs_run"] == 1  # what was saved before the crash survives
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage"])
+def test_corrupt_snapshot_gives_clear_error(tmp_path, damage):
+    snapshot = tmp_path / "snapshot.pt"
+    train(tmp_path, snapshot, 1, nproc=1)
+    data = snapshot.read_bytes()
+    snapshot.write_bytes(data[: len(data) // 2] if damage == "truncated" else b"not a snapshot at all")
+    proc = run(torchrun(1, STEP03, *SMALL, "--max_epochs", 2, "--snapshot_path", snapshot),
+               cwd=tmp_path, check=False)
+    assert proc.returncode != 0
+    errors = [line for line in proc.stderr.splitlines() if "error: cannot resume from snapshot" in line]
+    assert errors and str(snapshot) in errors[0] and "corrupt" in errors[0], proc.stderr[-2000:]
+
+
+def test_crash_while_writing_keeps_previous_snapshot(tmp_path):
+    snapshot = tmp_path / "snapshot.pt"
+    train(tmp_path, snapshot, 1, nproc=1)
+    before = load(snapshot)
+    env = cpu_env(RANK=0, LOCAL_RANK=0, WORLD_SIZE=1, LOCAL_WORLD_SIZE=1,
+                  MASTER_ADDR="127.0.0.1", MASTER_PORT=free_port())
+    proc = run([sys.executable, REPO / "tests/workers/die_while_saving.py", *SMALL, "--max_epochs", 3,
+                "--snapshot_path", snapshot], cwd=tmp_path, env=env, check=False)
+    assert proc.returncode == 17, proc.stderr[-2000:]  # it really died inside the save
+    assert any(name.startswith("snapshot.pt.tmp.") for name in os.listdir(tmp_path))  # the half-written file
+    assert_identical(load(snapshot), before)  # ... while the previous snapshot is untouched
+    proc = train(tmp_path, snapshot, 2, nproc=1)  # and a rerun resumes from it
+    assert f"Resuming training from snapshot {snapshot} at Epoch 1" in proc.stdout
+
+
+def test_two_nodes_on_one_machine(tmp_path):
+    """Two torchrun 'nodes' (one process each) meet through c10d rendezvous on 127.0.0.1: world size 2."""
+    port, job = free_port(), f"test-{os.getpid()}"
+    procs = []
+    for node_rank in (0, 1):
+        cmd = torchrun(1, STEP03, *SMALL, "--max_epochs", 2, "--snapshot_path", f"node{node_rank}.pt",
+                       standalone=False,
+                       extra=["--nnodes", "2", "--node-rank", node_rank, "--rdzv-backend", "c10d",
+                              "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", job,
+                              "--local-addr", "127.0.0.1"])
+        procs.append(subprocess.Popen([str(c) for c in cmd], cwd=tmp_path, env=cpu_env(), text=True,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL))
+    outputs = [p.communicate(timeout=180)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs
+    everything = "".join(outputs)
+    assert "world_size 2" in everything
+    assert "[cpu:0] Epoch 1 |" in everything and "[cpu:1] Epoch 1 |" in everything
+    assert "Finished training: 2 epochs" in everything
+    # each node's local rank 0 saved its own snapshot, and they are the same model
+    assert_identical(load(tmp_path / "node0.pt"), load(tmp_path / "node1.pt"))
+
