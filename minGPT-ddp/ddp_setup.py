@@ -1,0 +1,100 @@
+"""Who am I, which device do I use, and how do I talk to the others.
+
+The same code serves three ways of starting:
+  * `python main.py`: one process, no process group, no DDP wrapper;
+  * `torchrun ... main.py` (one node or several, or Slurm through torchrun): torchrun sets
+    RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE, MASTER_ADDR and MASTER_PORT;
+  * any launcher that sets those variables itself.
+"""
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+# Which communication library a device type uses: NCCL between NVIDIA GPUs (XCCL between
+# Intel GPUs); Gloo between CPU processes.
+BACKENDS = {"cuda": "nccl", "xpu": "xccl"}
+# How long a collective may wait for its peers: a dead peer becomes an error, not a hang.
+TIMEOUT = timedelta(minutes=2)
+
+
+@dataclass
+class Runtime:
+    rank: int  # unique over all nodes
+    local_rank: int  # unique on this node: which GPU to use
+    world_size: int
+    device: torch.device
+    backend: Optional[str]  # None: a single process without a process group
+
+    @property
+    def distributed(self) -> bool:
+        return self.backend is not None
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def tag(self) -> str:
+        return f"[{self.device.type}:{self.rank}]"  # every line says which process it comes from
+
+    def print(self, message: str, every_rank: bool = False):
+        if every_rank or self.is_main:
+            print(f"{self.tag} {message}", flush=True)
+
+
+def pick_device(local_rank: int, local_world_size: int):
+    """Process `local_rank` gets this node's GPU number `local_rank`; without GPUs every process
+    uses the CPU and Gloo."""
+    accelerator = torch.accelerator.current_accelerator(check_available=True)
+    if accelerator is not None and accelerator.type in BACKENDS:
+        gpus = torch.accelerator.device_count()
+        if local_world_size > gpus:  # every rank checks, so they all stop instead of some hanging
+            raise SystemExit(f"error: {local_world_size} processes on this node but only {gpus} GPU(s); "
+                             f"start at most {gpus} (--nproc-per-node {gpus})")
+        return torch.device(accelerator.type, local_rank), BACKENDS[accelerator.type]
+    return torch.device("cpu"), "gloo"
+
+
+def start() -> Runtime:
+    launched = "WORLD_SIZE" in os.environ
+    rank = int(os.environ.get("RANK", 0))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    device, backend = pick_device(local_rank, local_world_size)
+    if device.type == "cpu":
+        # N processes sharing the CPU must not each start one thread per core. torchrun sets
+        # OMP_NUM_THREADS=1 when it starts several; an OMP_NUM_THREADS you set yourself wins.
+        if "OMP_NUM_THREADS" not in os.environ:
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world_size))
+    else:
+        torch.accelerator.set_device_index(device.index)
+    if not launched:
+        return Runtime(0, 0, 1, device, None)
+    dist.init_process_group(backend, timeout=TIMEOUT, device_id=device if device.type != "cpu" else None)
+    return Runtime(rank, local_rank, world_size, device, backend)
+
+
+def stop(rt: Runtime):
+    if rt.distributed and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def gather_strings(rt: Runtime, value: str) -> list:
+    """Every rank's `value`, in rank order (just [value] without a process group)."""
+    if not rt.distributed:
+        return [value]
+    values = [None] * rt.world_size
+    dist.all_gather_object(values, value)
+    return values
+
+
+def sum_across_ranks(rt: Runtime, tensor: torch.Tensor) -> torch.Tensor:
+    """In place, and returned. (Gloo has no AVG reduction, so callers divide themselves.)"""
+    if rt.distributed:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor

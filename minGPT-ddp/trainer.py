@@ -1,0 +1,277 @@
+"""The training loop: data-parallel over ranks, with everything a real run needs:
+gradient accumulation, mixed precision, warmup + cosine learning rate, gradient clipping,
+evaluation averaged over ranks, logs (text, JSONL, progress bar) and snapshots to resume from.
+"""
+import json
+import math
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+
+import ddp_setup
+import mfu
+import snapshot
+from char_dataset import CharData
+from model import GPT
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+LR_SCALINGS = ("none", "sqrt", "linear")
+RESUME_CHOICES = ("false", "true", "auto")
+
+
+@dataclass
+class TrainerConfig:
+    max_iters: int = 5000  # optimizer steps; the same however many ranks run (see README)
+    batch_size: int = 64  # sequences per rank per micro-step
+    grad_accum_steps: int = 1  # micro-steps per optimizer step
+    learning_rate: float = 6e-4
+    min_lr: Optional[float] = None  # where the cosine ends; None: learning_rate / 10
+    warmup_iters: int = 100
+    lr_decay_iters: Optional[int] = None  # where the cosine ends; None: max_iters
+    lr_scaling: str = "none"  # none | sqrt | linear in world_size / lr_base_world_size
+    lr_base_world_size: int = 1  # the world size learning_rate was tuned for
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0  # max global gradient norm; 0: no clipping
+    eval_interval: int = 250  # evaluate (and snapshot) every N steps; 0: only at the end
+    eval_iters: int = 20  # validation batches per evaluation, shared out among the ranks
+    log_interval: int = 10
+    snapshot_path: Optional[str] = "runs/mingpt/snapshot.pt"  # None: no snapshots
+    resume: str = "false"  # false: start afresh | true: from snapshot_path | auto: if it exists
+    log_file: Optional[str] = "runs/mingpt/metrics.jsonl"  # one JSON record per log/eval point
+    dtype: str = "auto"  # auto (bfloat16 on a GPU that has it, else float32) | float32 | bfloat16 | float16
+    compile: bool = False
+    seed: int = 1337
+    peak_flops: Optional[float] = None  # FLOP/s of one device for MFU; None: data sheet or measured
+
+
+def check_config(cfg: TrainerConfig):
+    for key in ("max_iters", "batch_size", "grad_accum_steps", "eval_iters", "log_interval", "lr_base_world_size"):
+        if getattr(cfg, key) < 1:
+            raise SystemExit(f"error: trainer.{key} must be at least 1, not {getattr(cfg, key)}")
+    for key in ("warmup_iters", "eval_interval"):
+        if getattr(cfg, key) < 0:
+            raise SystemExit(f"error: trainer.{key} must not be negative, not {getattr(cfg, key)}")
+    if cfg.dtype not in ("auto", *DTYPES):
+        raise SystemExit(f"error: trainer.dtype must be one of auto, {', '.join(DTYPES)}; not {cfg.dtype!r}")
+    if cfg.lr_scaling not in LR_SCALINGS:
+        raise SystemExit(f"error: trainer.lr_scaling must be one of {', '.join(LR_SCALINGS)}; not {cfg.lr_scaling!r}")
+    if cfg.resume.lower() not in RESUME_CHOICES:
+        raise SystemExit(f"error: trainer.resume must be one of {', '.join(RESUME_CHOICES)}; not {cfg.resume!r}")
+    if cfg.resume.lower() != "false" and not cfg.snapshot_path:
+        raise SystemExit("error: trainer.resume needs a trainer.snapshot_path")
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        gpu_has_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+        return torch.bfloat16 if gpu_has_bf16 else torch.float32  # most CPUs are slower in bf16
+    return DTYPES[name]
+
+
+def make_optimizer(model: GPT, cfg: TrainerConfig, lr: float):
+    groups = model.optimizer_param_groups(cfg.weight_decay)
+    try:
+        # fused: one kernel updates every parameter (CUDA, and CPU since PyTorch 2.4)
+        return torch.optim.AdamW(groups, lr=lr, betas=(cfg.beta1, cfg.beta2), fused=True), "fused"
+    except (RuntimeError, TypeError):  # a device or dtype the fused kernel does not cover
+        return torch.optim.AdamW(groups, lr=lr, betas=(cfg.beta1, cfg.beta2)), "foreach"
+
+
+class Trainer:
+    def __init__(self, cfg, model: GPT, data: CharData, rt: ddp_setup.Runtime, resume_from: Optional[dict] = None):
+        self.cfg = cfg  # the whole Config: it goes into every snapshot
+        self.tcfg = tcfg = cfg.trainer
+        self.rt = rt
+        self.data = data.to(rt.device)
+        self.raw_model = model.to(rt.device)  # the plain GPT: its state_dict has clean names
+        self.dtype = resolve_dtype(tcfg.dtype, rt.device)
+        self.autocast = (nullcontext() if self.dtype == torch.float32
+                         else torch.autocast(rt.device.type, dtype=self.dtype))
+        if rt.device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = True  # float32 matmuls on tensor cores
+            torch.backends.cudnn.allow_tf32 = True
+
+        # More ranks mean a larger global batch per step; optionally raise the learning rate with it.
+        exponent = {"none": 0.0, "sqrt": 0.5, "linear": 1.0}[tcfg.lr_scaling]
+        self.lr_scale = (rt.world_size / tcfg.lr_base_world_size) ** exponent
+        self.max_lr = tcfg.learning_rate * self.lr_scale
+        self.min_lr = (tcfg.min_lr if tcfg.min_lr is not None else tcfg.learning_rate / 10) * self.lr_scale
+        self.lr_decay_iters = tcfg.lr_decay_iters or tcfg.max_iters
+
+        self.optimizer, self.optimizer_kind = make_optimizer(self.raw_model, tcfg, self.max_lr)
+        # float16 has a narrow range: scale the loss up so small gradients don't flush to zero.
+        self.scaler = torch.amp.GradScaler(rt.device.type, enabled=self.dtype == torch.float16)
+        self.step = 0
+        self.elapsed_s = 0.0  # training wall time, carried over a resume
+        self.last_val_loss = None
+        if resume_from is not None:
+            self._restore(resume_from)
+
+        # torch.compile first, DDP around it: eval uses the compiled model without DDP,
+        # and the saved weights come from raw_model, so no "_orig_mod." prefixes.
+        self.model = torch.compile(self.raw_model) if tcfg.compile else self.raw_model
+        self.ddp_model = (DDP(self.model, device_ids=[rt.device.index] if rt.device.type != "cpu" else None,
+                              gradient_as_bucket_view=True)  # grads live in DDP's buckets: one copy fewer
+                          if rt.distributed else None)
+        self.tokens_per_step = tcfg.batch_size * model.cfg.block_size * tcfg.grad_accum_steps * rt.world_size
+        self.flops_per_step = self.raw_model.flops_per_token() * self.tokens_per_step
+        self.peak_flops, self.peak_source = mfu.peak_flops(rt.device, self.dtype, tcfg.peak_flops)
+        self.progress = None
+
+    # ---- learning rate -------------------------------------------------------------------
+    def lr_at(self, it: int) -> float:
+        """Linear warmup to max_lr, then a cosine down to min_lr at lr_decay_iters, then flat."""
+        if it < self.tcfg.warmup_iters:
+            return self.max_lr * (it + 1) / (self.tcfg.warmup_iters + 1)
+        if it >= self.lr_decay_iters:
+            return self.min_lr
+        progress = (it - self.tcfg.warmup_iters) / max(1, self.lr_decay_iters - self.tcfg.warmup_iters)
+        return self.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (self.max_lr - self.min_lr)
+
+    # ---- one optimizer step ----------------------------------------------------------------
+    def train_step(self, it: int) -> torch.Tensor:
+        """One optimizer step over grad_accum_steps micro-batches; returns this rank's mean loss
+        (a tensor, so the caller decides when to pay for a device->host copy)."""
+        tcfg, rt = self.tcfg, self.rt
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.lr_at(it)
+        # Dropout masks depend only on (seed, step, rank): a resumed run draws the same ones.
+        torch.manual_seed(tcfg.seed + it * rt.world_size + rt.rank)
+        train_model = self.ddp_model or self.model
+        loss_sum = torch.zeros((), device=rt.device)
+        for micro_step in range(tcfg.grad_accum_steps):
+            x, y = self.data.train_batch(it, tcfg.seed, tcfg.batch_size, micro_step, tcfg.grad_accum_steps,
+                                         rt.rank, rt.world_size)
+            last = micro_step == tcfg.grad_accum_steps - 1
+            # DDP averages gradients across ranks during backward(). Before the last micro-step
+            # that traffic is wasted (the gradients are still accumulating), so skip it.
+            sync = nullcontext() if last or self.ddp_model is None else self.ddp_model.no_sync()
+            with sync:
+                with self.autocast:
+                    _, loss = train_model(x, y)
+                loss = loss / tcfg.grad_accum_steps  # so the accumulated gradient is a mean
+                self.scaler.scale(loss).backward()
+            loss_sum += loss.detach()
+        if tcfg.grad_clip > 0:
+            self.scaler.unscale_(self.optimizer)  # clip the true gradients, not the fp16-scaled ones
+            torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), tcfg.grad_clip)
+        self.scaler.step(self.optimizer)  # skips the step if fp16 gradients overflowed
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss_sum
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Mean loss over a fixed set of validation batches that the ranks share out, averaged
+        over all ranks: the same number whatever the world size."""
+        self.model.eval()
+        totals = torch.zeros(2, device=self.rt.device)  # loss sum, batch count
+        for x, y in self.data.val_batches(self.tcfg.eval_iters, self.tcfg.batch_size, self.tcfg.seed,
+                                          self.rt.rank, self.rt.world_size):
+            with self.autocast:
+                _, loss = self.model(x, y)
+            totals += torch.stack((loss.float(), torch.ones((), device=self.rt.device)))
+        ddp_setup.sum_across_ranks(self.rt, totals)
+        self.model.train()
+        return (totals[0] / totals[1]).item()
+
+    def mean_loss_across_ranks(self, loss: torch.Tensor) -> float:
+        total = ddp_setup.sum_across_ranks(self.rt, loss.detach().clone())
+        return total.item() / self.rt.world_size
+
+    # ---- snapshots -----------------------------------------------------------------------
+    def save_snapshot(self):
+        state = {
+            "model": self.raw_model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),  # AdamW moments: needed to resume exactly
+            "scaler": self.scaler.state_dict(),
+            "step": self.step,
+            "elapsed_s": self.elapsed_s,
+            "config": asdict(self.cfg),
+            "vocab": self.data.vocab.chars,
+        }
+        snapshot.save_atomically(state, self.tcfg.snapshot_path)
+
+    def _restore(self, state: dict):
+        self.raw_model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.step = state["step"]
+        self.elapsed_s = state.get("elapsed_s", 0.0)
+
+    # ---- logging -------------------------------------------------------------------------
+    def say(self, message: str):
+        if self.rt.is_main:
+            line = f"{self.rt.tag} {message}"
+            if self.progress is not None:
+                self.progress.write(line)  # keeps the bar at the bottom
+            else:
+                print(line, flush=True)
+
+    def record(self, **fields):
+        if self.rt.is_main and self.tcfg.log_file:
+            with open(self.tcfg.log_file, "a") as f:
+                f.write(json.dumps(fields) + "\n")
+
+    # ---- the loop ------------------------------------------------------------------------
+    def fit(self):
+        tcfg, rt = self.tcfg, self.rt
+        if self.step >= tcfg.max_iters:
+            raise SystemExit(f"error: the snapshot is at step {self.step}, trainer.max_iters={tcfg.max_iters} "
+                             "leaves nothing to train; raise trainer.max_iters")
+        resumed_at = self.step if self.step > 0 else None
+        if rt.is_main and tcfg.log_file:
+            Path(tcfg.log_file).parent.mkdir(parents=True, exist_ok=True)
+            if resumed_at is None:
+                open(tcfg.log_file, "w").close()  # a fresh run starts a fresh log; a resumed one appends
+        if rt.is_main and sys.stderr.isatty():
+            self.progress = tqdm(total=tcfg.max_iters, initial=self.step, unit="it", dynamic_ncols=True)
+
+        run_start, elapsed_before = time.perf_counter(), self.elapsed_s
+        window_start, window_steps = run_start, 0  # tokens/s counts training steps only, not evaluations
+        self.raw_model.train()
+        while True:
+            it = self.step
+            is_eval_point = it == tcfg.max_iters or (tcfg.eval_interval > 0 and it % tcfg.eval_interval == 0)
+            if is_eval_point and it != resumed_at:  # a resumed run has this evaluation already
+                self.last_val_loss = self.evaluate()
+                self.elapsed_s = elapsed_before + time.perf_counter() - run_start
+                self.say(f"eval | iter {it} | val loss {self.last_val_loss:.4f}")
+                self.record(iter=it, val_loss=self.last_val_loss, elapsed_s=round(self.elapsed_s, 3))
+                if tcfg.snapshot_path and it > 0 and rt.local_rank == 0:
+                    # Each node keeps its own copy: a resume needs no shared file system.
+                    self.save_snapshot()
+                window_start, window_steps = time.perf_counter(), 0
+            if it == tcfg.max_iters:
+                break
+
+            loss = self.train_step(it)
+            self.step = it + 1
+            window_steps += 1
+            if self.progress is not None:
+                self.progress.update(1)
+            if self.step % tcfg.log_interval == 0 or self.step == tcfg.max_iters:
+                loss_value = self.mean_loss_across_ranks(loss)  # .item() also waits for the GPU
+                now = time.perf_counter()
+                seconds = now - window_start
+                self.elapsed_s = elapsed_before + now - run_start
+                tokens_per_s = window_steps * self.tokens_per_step / seconds
+                utilisation = tokens_per_s * self.raw_model.flops_per_token() / (self.peak_flops * rt.world_size)
+                self.say(f"iter {self.step}/{tcfg.max_iters} | loss {loss_value:.4f} | lr {self.lr_at(it):.2e} | "
+                         f"{tokens_per_s:,.0f} tok/s | mfu {100 * utilisation:.1f}% | "
+                         f"{1000 * seconds / window_steps:.1f} ms/iter")
+                self.record(iter=self.step, loss=loss_value, lr=self.lr_at(it), tokens_per_s=round(tokens_per_s, 1),
+                            mfu=round(utilisation, 5), elapsed_s=round(self.elapsed_s, 3))
+                window_start, window_steps = now, 0
+        if self.progress is not None:
+            self.progress.close()
+            self.progress = None
