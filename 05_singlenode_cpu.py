@@ -289,6 +289,11 @@ def prepare_val_dataloader(val_set: Subset, batch_size: int):
     return DataLoader(share, batch_size=batch_size, shuffle=False, pin_memory=torch.cuda.is_available())
 
 
+def share_sizes(samples: int, world_size: int) -> str:
+    fewest, most = samples // world_size, -(-samples // world_size)
+    return str(fewest) if fewest == most else f"{fewest}-{most}"
+
+
 def describe_cpu_use(world_size: int, device: torch.device, tag: str):
     """Say how many processes and threads share this node's cores; warn when they are more than the cores."""
     if device.type != "cpu":
@@ -318,8 +323,7 @@ def main(args):
     check_same_split(val_set, device)
     if rank == 0:
         print(f"{tag} data: {len(dataset)} train | {len(val_set)} validation samples, the same split on all "
-              f"{world_size} ranks (checked); each rank validates {len(val_set) // world_size}-"
-              f"{-(-len(val_set) // world_size)} of them")
+              f"{world_size} ranks (checked); each rank validates {share_sizes(len(val_set), world_size)} of them")
     train_data = prepare_dataloader(dataset, args.batch_size, args.seed)
     val_data = prepare_val_dataloader(val_set, args.batch_size)
     trainer = Trainer(model, train_data, val_data, optimizer, device, args.save_every, args.snapshot_path,
