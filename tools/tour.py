@@ -1,0 +1,122 @@
+"""The tour: run every step of ddp-steps in order, with small settings, on this machine's hardware.
+
+    make tour                          # creates .venv first, then runs this
+    .venv/bin/python tools/tour.py --only 03,04
+
+Each step runs in its own folder under runs/tour/ (snapshots and logs land there, not in
+the repository). The command is shown before it runs, exactly as you would type it
+(`python` meaning this interpreter), so you can copy it. A summary table comes last.
+"""
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def processes_per_node() -> int:
+    """One process per GPU; without GPUs, two CPU processes."""
+    return torch.cuda.device_count() or 2
+
+
+def tour_steps(nproc: int):
+    """(key, title, command, extra environment, log file the command writes)."""
+    torchrun = ["torchrun", "--standalone", "--nproc-per-node", str(nproc)]
+    step03 = [*torchrun, "03_multigpu_torchrun.py", "--save_every", "2"]
+    return [
+        ("01", "one device", ["python", "01_single_gpu.py", "--max_epochs", "5", "--log_file", "01.jsonl"],
+         {}, "01.jsonl"),
+        ("02", "DDP started by mp.spawn",
+         ["python", "02_multigpu_mp_spawn.py", "--max_epochs", "5", "--log_file", "02.jsonl"], {}, "02.jsonl"),
+        ("03", "torchrun, snapshots", [*step03, "--max_epochs", "4", "--log_file", "03a.jsonl"], {}, "03a.jsonl"),
+        ("03", "resume from the snapshot", [*step03, "--max_epochs", "6", "--log_file", "03b.jsonl"], {},
+         "03b.jsonl"),
+        ("03", "a rank crashes, torchrun restarts",
+         [*step03[:1], "--max-restarts", "1", *step03[1:], "--max_epochs", "8", "--log_file", "03c.jsonl"],
+         {"DDP_STEPS_CRASH_AT_EPOCH": "7"}, "03c.jsonl"),
+        ("04", "collectives", [*torchrun, "04_collectives_intro.py"], {}, None),
+        ("05", "a CPU cluster", [*torchrun, "05_singlenode_cpu.py", "--max_epochs", "5", "--log_file", "05.jsonl"],
+         {}, "05.jsonl"),
+        ("06", "mixed precision: fp32", [*torchrun, "06_amp.py", "--max_epochs", "3", "--dtype", "fp32",
+                                         "--snapshot_path", "fp32.pt", "--log_file", "fp32.jsonl"], {}, "fp32.jsonl"),
+        ("06", "mixed precision: bf16", [*torchrun, "06_amp.py", "--max_epochs", "3", "--dtype", "bf16",
+                                         "--snapshot_path", "bf16.pt", "--log_file", "bf16.jsonl"], {}, "bf16.jsonl"),
+        ("mingpt", "minGPT-ddp", [*torchrun, "minGPT-ddp/main.py", "config=minGPT-ddp/cpu_cfg.yaml",
+                                  "trainer.max_iters=60", "trainer.log_file=mingpt.jsonl"], {}, "mingpt.jsonl"),
+    ]
+
+
+def resolve(command):
+    """`python x.py` -> this interpreter on the repository's x.py; `torchrun` -> python -m torch.distributed.run."""
+    if command[0] == "python":
+        head, rest = [sys.executable], command[1:]
+    else:
+        head, rest = [sys.executable, "-m", "torch.distributed.run"], command[1:]
+    return head + [str(REPO / arg) if (REPO / arg).is_file() else arg for arg in rest]
+
+
+def script_of(command):
+    return next(arg for arg in command if arg.endswith(".py"))
+
+
+def last_loss(log: Path):
+    """The last loss (validation loss where there is one) in the JSON-lines log a step wrote."""
+    if not log.is_file():
+        return None
+    records = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+    losses = [r["val_loss"] if r.get("val_loss") is not None else r.get("loss") for r in records]
+    losses = [loss for loss in losses if loss is not None]
+    return losses[-1] if losses else None
+
+
+def main():
+    parser = argparse.ArgumentParser(description="Run every step of ddp-steps in order with small settings.")
+    parser.add_argument("--only", default=None, help="comma-separated steps to run, e.g. 01,03,mingpt")
+    parser.add_argument("--workdir", default=str(REPO / "runs" / "tour"), help="where the steps write (default: "
+                        "runs/tour, emptied first)")
+    args = parser.parse_args()
+    nproc = processes_per_node()
+    device = f"{nproc} GPU(s), NCCL" if torch.cuda.is_available() else f"CPU, Gloo, {nproc} processes"
+    print(f"ddp-steps tour on {device} | torch {torch.__version__} | {os.cpu_count()} CPU cores\n", flush=True)
+
+    root = Path(args.workdir)
+    shutil.rmtree(root, ignore_errors=True)
+    wanted = set(args.only.split(",")) if args.only else None
+    results = []
+    for key, title, command, extra_env, log_name in tour_steps(nproc):
+        if wanted and key not in wanted:
+            continue
+        if not (REPO / script_of(command)).is_file():
+            results.append((key, title, "not present", 0.0, None))
+            continue
+        workdir = root / key  # steps with the same key share a folder: 03 resumes from its own snapshot
+        workdir.mkdir(parents=True, exist_ok=True)
+        env_text = "".join(f"{k}={v} " for k, v in extra_env.items())
+        print(f"==> [{key}] {title}\n    $ {env_text}{' '.join(command)}", flush=True)
+        start = time.perf_counter()
+        proc = subprocess.run(resolve(command), cwd=workdir, env={**os.environ, **extra_env},
+                              stdin=subprocess.DEVNULL)
+        seconds = time.perf_counter() - start
+        ok = proc.returncode == 0
+        status = "ok" if ok else f"FAILED (exit {proc.returncode})"
+        results.append((key, title, status, seconds, last_loss(workdir / log_name) if ok and log_name else None))
+        print(flush=True)
+
+    print("Summary")
+    print(f"  {'step':<7} {'what':<36} {'result':<18} {'seconds':>8}  final loss")
+    for key, title, status, seconds, loss in results:
+        loss_text = f"{loss:.4f}" if loss is not None else "-"
+        print(f"  {key:<7} {title:<36} {status:<18} {seconds:>8.1f}  {loss_text}")
+    print(f"\nEverything the steps wrote is under {root}")
+    sys.exit(0 if all(r[2] in ("ok", "not present") for r in results) else 1)
+
+
+if __name__ == "__main__":
+    main()
