@@ -31,17 +31,22 @@ def start_04(world_size, how, tmp_path, *args):
     return run(cmd, cwd=tmp_path)
 
 
-@pytest.fixture(scope="module", params=[(2, "torchrun"), (3, "spawn"), (4, "torchrun")],
+def by_demo(path):
+    records = {}
+    for record in read_log(path):
+        records.setdefault(record["demo"], []).append(record)
+    return records
+
+
+# world size 2: the README's command, default settings; 3 and 4: small benchmark and training settings
+@pytest.fixture(scope="module", params=[(2, "torchrun", []), (3, "spawn", SMALL), (4, "torchrun", SMALL)],
                 ids=lambda p: f"world{p[0]}-{p[1]}")
 def full_run(request, tmp_path_factory):
     """All demos, once per world size: (world_size, stdout, {demo: [log records]})."""
-    world_size, how = request.param
+    world_size, how, settings = request.param
     tmp = tmp_path_factory.mktemp(f"step04_w{world_size}")
-    proc = start_04(world_size, how, tmp, *SMALL, "--log_file", tmp / "log.jsonl")
-    by_demo = {}
-    for record in read_log(tmp / "log.jsonl"):
-        by_demo.setdefault(record["demo"], []).append(record)
-    return world_size, proc.stdout, by_demo
+    proc = start_04(world_size, how, tmp, *settings, "--log_file", "collectives.jsonl")
+    return world_size, proc.stdout, by_demo(tmp / "collectives.jsonl")
 
 
 def one(by_demo, name, world_size):
@@ -155,7 +160,7 @@ def test_ring_all_reduce_steps(full_run):
     assert summary["matches_all_reduce"] is True and summary["max_abs_diff"] < 1e-4
 
     (bench,) = by_demo["ring_bandwidth"]
-    assert bench["bytes"] == 0.25 * 2**20 and bench["iterations"] == 2
+    assert (bench["bytes"], bench["iterations"]) == ((8 * 2**20, 5) if n == 2 else (0.25 * 2**20, 2))
     for key in ("ring_s", "all_reduce_s", "ring_busbw_GBps", "all_reduce_busbw_GBps"):
         assert math.isfinite(bench[key]) and bench[key] > 0
 
@@ -163,7 +168,7 @@ def test_ring_all_reduce_steps(full_run):
 def test_manual_gradient_averaging_matches_ddp(full_run):
     n, _, by_demo = full_run
     (record,) = by_demo["manual_ddp"]
-    assert record["steps"] == 3
+    assert record["steps"] == (5 if n == 2 else 3)
     before, after = record["before"], record["after"]
     assert before == [before[0]] * n and after == [after[0]] * n  # all copies stay identical
     assert not np.allclose(before[0], after[0])  # and they did train
@@ -210,8 +215,11 @@ def test_ring_function_on_awkward_sizes(tmp_path):
 
 
 def test_one_demo_only(tmp_path):
-    start_04(2, "torchrun", tmp_path, "--demo", "all_gather", "--log_file", tmp_path / "one.jsonl")
-    assert [r["demo"] for r in read_log(tmp_path / "one.jsonl")] == ["all_gather"]
+    """The README's `python 04_collectives_intro.py --world_size 4 --demo new_group`: that demo and no other."""
+    proc = start_04(4, "spawn", tmp_path, "--demo", "new_group", "--log_file", "new_group.jsonl")
+    (record,) = read_log(tmp_path / "new_group.jsonl")
+    assert record["demo"] == "new_group" and record["after"] == [[1 + 3], [2 + 4], [1 + 3], [2 + 4]]
+    assert proc.stdout.splitlines()[-1] == "[cpu:0] Finished training: 1 demo(s) on world_size 4"
 
 
 def test_unknown_demo_and_world_size_one(tmp_path):

@@ -38,12 +38,11 @@ def whole_set_loss(step05, state_dict, dataset_size):
 
 @pytest.fixture(scope="module")
 def eight_processes(tmp_path_factory):
-    """8 processes, as the README says works on a 2-core machine; 1030 samples -> 103 validation samples,
-    which 8 ranks cannot share evenly."""
+    """The README's 8 processes (fine on a 2-core machine): 410 validation samples, which 8 ranks cannot
+    share evenly."""
     tmp = tmp_path_factory.mktemp("step05_np8")
-    proc = run(torchrun(8, SCRIPT, "--max_epochs", "3", "--dataset_size", "1030", "--log_file", "log.jsonl"),
-               cwd=tmp, timeout=300)
-    return tmp, proc.stdout, read_log(tmp / "log.jsonl")
+    proc = run(torchrun(8, SCRIPT, "--max_epochs", "3", "--log_file", "05_np8.jsonl"), cwd=tmp, timeout=300)
+    return tmp, proc.stdout, read_log(tmp / "05_np8.jsonl")
 
 
 def test_validation_loss_is_the_whole_set_loss(step05, eight_processes):
@@ -51,11 +50,11 @@ def test_validation_loss_is_the_whole_set_loss(step05, eight_processes):
     assert [r["epoch"] for r in records] == [0, 1, 2] and all(r["world_size"] == 8 for r in records)
     # the final snapshot holds the model that scored the last epoch's val_loss
     final = torch.load(tmp / "snapshot_05.pt", weights_only=True)["model"]
-    assert records[-1]["val_loss"] == pytest.approx(whole_set_loss(step05, final, 1030), rel=1e-5)
+    assert records[-1]["val_loss"] == pytest.approx(whole_set_loss(step05, final, 4096), rel=1e-5)
     # the best-validation checkpoint holds the model with the lowest val_loss
     best = min(records, key=lambda r: r["val_loss"])
     best_model = torch.load(tmp / "best_05.pt", weights_only=True)
-    assert best["best"] and best["val_loss"] == pytest.approx(whole_set_loss(step05, best_model, 1030), rel=1e-5)
+    assert best["best"] and best["val_loss"] == pytest.approx(whole_set_loss(step05, best_model, 4096), rel=1e-5)
     # the printed per-epoch line
     last = records[-1]
     assert (f"[cpu:0] Epoch 2 | Batchsize 32 | Steps {last['steps']} | train_loss:{last['train_loss']:.4f} "
@@ -73,8 +72,8 @@ def test_oversubscription_is_reported(eight_processes):
 
 def test_split_is_the_same_on_every_rank(step05, eight_processes):
     _, stdout, _ = eight_processes
-    assert ("[cpu:0] data: 927 train | 103 validation samples, the same split on all 8 ranks (checked); "
-            "each rank validates 12-13 of them") in stdout
+    assert ("[cpu:0] data: 3686 train | 410 validation samples, the same split on all 8 ranks (checked); "
+            "each rank validates 51-52 of them") in stdout
     # the split depends on nothing a rank could differ in (its seed, the global random state)
     dataset = step05.RegressionDataset(1030)
     splits = []
@@ -88,16 +87,16 @@ def test_split_is_the_same_on_every_rank(step05, eight_processes):
 
 
 def test_resume_continues_exactly(tmp_path):
-    """2 epochs, then a second run resumes from the snapshot to 4: epochs 2-3 equal an uninterrupted run."""
-    common = ["--dataset_size", "1024", "--save_every", "1"]
+    """The README's 2 epochs, then the same command with --max_epochs 4 resumes from the snapshot:
+    epochs 2-3 equal those of an uninterrupted 4-epoch run."""
     whole, part = tmp_path / "whole", tmp_path / "part"
     whole.mkdir(), part.mkdir()
-    run(torchrun(2, SCRIPT, "--max_epochs", "4", *common, "--log_file", "log.jsonl"), cwd=whole)
-    run(torchrun(2, SCRIPT, "--max_epochs", "2", *common, "--log_file", "log.jsonl"), cwd=part)
-    proc = run(torchrun(2, SCRIPT, "--max_epochs", "4", *common, "--log_file", "log.jsonl"), cwd=part)
+    run(torchrun(2, SCRIPT, "--max_epochs", "4", "--log_file", "05.jsonl"), cwd=whole)
+    run(torchrun(2, SCRIPT, "--max_epochs", "2", "--log_file", "05.jsonl"), cwd=part)
+    proc = run(torchrun(2, SCRIPT, "--max_epochs", "4", "--log_file", "05.jsonl"), cwd=part)
     assert "[cpu:0] Resuming training from snapshot snapshot_05.pt at Epoch 2" in proc.stdout
     assert "[cpu:1] Resuming training from snapshot snapshot_05.pt at Epoch 2" in proc.stdout
-    expected, resumed = read_log(whole / "log.jsonl"), read_log(part / "log.jsonl")
+    expected, resumed = read_log(whole / "05.jsonl"), read_log(part / "05.jsonl")
     assert [r["epoch"] for r in resumed] == [0, 1, 2, 3]
     for a, b in zip(expected, resumed):
         assert (a["train_loss"], a["val_loss"], a["best"]) == pytest.approx((b["train_loss"], b["val_loss"],
