@@ -1,0 +1,48 @@
+"""The commands the README shows are the commands that work.
+
+Every ```bash block that follows a `<!-- tested ... -->` line in a README is run as written,
+with bash, in a scratch folder that links to the repository's files (so what the commands
+write stays out of the repository), with this virtualenv's `python` and `torchrun` first
+on PATH, on the CPU.
+"""
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, cpu_env
+
+READMES = [REPO / "README.md", *sorted(REPO.glob("*/README.md"))]
+BLOCK = re.compile(r"<!-- tested[^>]*-->\s*```bash\n(.*?)```", re.S)
+
+
+def readme_blocks():
+    for readme in READMES:
+        for number, match in enumerate(BLOCK.finditer(readme.read_text())):
+            block = match.group(1)
+            first = next(line for line in block.splitlines() if line.strip() and not line.startswith("#"))
+            yield pytest.param(readme, block, id=f"{readme.relative_to(REPO).parent}#{number}:{first[:60]}")
+
+
+def scratch_copy(tmp_path: Path, readme: Path) -> Path:
+    """A folder that looks like the README's folder: links to every file and folder in it."""
+    for entry in readme.parent.iterdir():
+        if entry.name not in (".git", ".venv", "runs"):
+            (tmp_path / entry.name).symlink_to(entry)
+    return tmp_path
+
+
+def test_readmes_have_readme_blocks():
+    assert len(list(readme_blocks())) >= 4
+
+
+@pytest.mark.parametrize("readme,block", list(readme_blocks()))
+def test_readme_block_runs(tmp_path, readme, block):
+    env = cpu_env(PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    proc = subprocess.run(["bash", "-euo", "pipefail", "-c", block], cwd=scratch_copy(tmp_path, readme), env=env,
+                          capture_output=True, text=True, timeout=400, stdin=subprocess.DEVNULL)
+    assert proc.returncode == 0, f"{block}\n--- stdout ---\n{proc.stdout[-3000:]}\n--- stderr ---\n{proc.stderr[-3000:]}"
+    assert "Traceback" not in proc.stdout
