@@ -138,7 +138,7 @@ def inf_demo_rank():
 
 
 class Trainer:
-    def __init__(self, model, train_data, val_data, optimizer, device, dtype, max_grad_norm, save_every,
+    def __init__(self, model, train_data, val_data, optimizer, device, dtype_name, max_grad_norm, save_every,
                  snapshot_path, best_path, log_file):
         self.rank = int(os.environ["RANK"])  # unique over all nodes
         self.local_rank = int(os.environ["LOCAL_RANK"])  # unique on this node
@@ -148,10 +148,10 @@ class Trainer:
         self.train_data = train_data
         self.val_data = val_data
         self.optimizer = optimizer
-        self.dtype = dtype
+        self.dtype_name, self.dtype = dtype_name, DTYPES[dtype_name]
         self.max_grad_norm = max_grad_norm
         # Only float16 needs loss scaling; a disabled GradScaler passes everything through unchanged.
-        self.scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=self.dtype == torch.float16)
         self.steps_run = 0  # optimizer steps in this run (for the inf-injection demo)
         self.save_every = save_every
         self.snapshot_path = snapshot_path
@@ -174,19 +174,16 @@ class Trainer:
             self.optimizer.load_state_dict(snapshot["optimizer"])
             self.epochs_run = snapshot["epochs_run"]
             self.best_val_loss = snapshot["best_val_loss"]
-            if snapshot["dtype"] != self.dtype_name:
-                raise ValueError(f"it was trained with --dtype {snapshot['dtype']}, this run has --dtype "
-                                 f"{self.dtype_name}; resume with the same --dtype")
+            if snapshot["dtype"] != self.dtype_name:  # a SystemExit is no Exception: it passes the except below
+                raise SystemExit(f"{self.tag} error: snapshot {snapshot_path} was trained with --dtype "
+                                 f"{snapshot['dtype']}, this run has --dtype {self.dtype_name}; resume with "
+                                 f"--dtype {snapshot['dtype']}, or pass another --snapshot_path")
             self.scaler.load_state_dict(snapshot["scaler"])  # the scale it had reached
         except Exception as e:  # any failure here means this file can't be resumed from
             reason = str(e).split(". ")[0].strip() or type(e).__name__  # its first sentence is enough
             raise SystemExit(f"{self.tag} error: cannot resume from snapshot {snapshot_path}: it is corrupt, "
                              f"truncated or from another model ({reason}); delete it to start afresh") from None
         print(f"{self.tag} Resuming training from snapshot {snapshot_path} at Epoch {self.epochs_run}")
-
-    @property
-    def dtype_name(self):
-        return next(name for name, dtype in DTYPES.items() if dtype == self.dtype)
 
     def autocast(self):
         """Low precision for the forward pass (and the loss) only; backward() follows the same choices."""
@@ -383,21 +380,25 @@ def describe_cpu_use(world_size: int, device: torch.device, tag: str):
               f"processes x threads per node")
 
 
-def pick_dtype(name, device: torch.device) -> torch.dtype:
+def pick_dtype(name, device: torch.device) -> str:
     """--dtype, or by default fp16 on a GPU (the fastest there, with GradScaler) and bf16 on the CPU."""
     if name is None:
         name = "bf16" if device.type == "cpu" else "fp16"
     if name == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise SystemExit("error: this GPU has no bfloat16 support (it needs compute capability 8.0, Ampere, "
                          "or newer); use --dtype fp16 or --dtype fp32")
-    return DTYPES[name]
+    return name
 
 
 def main(args):
     # One write per printed line, so lines from several processes never mix mid-line.
     sys.stdout.reconfigure(line_buffering=True, write_through=False)
     device, backend = pick_device(int(os.environ["LOCAL_RANK"]), args.cpu)
-    dtype = pick_dtype(args.dtype, device)
+    dtype_name = pick_dtype(args.dtype, device)
+    dtype = DTYPES[dtype_name]
+    # One snapshot and best model per precision, so fp32 and bf16 runs side by side never resume each other.
+    snapshot_path = args.snapshot_path or f"snapshot_06_{dtype_name}.pt"
+    best_path = args.best_path or f"best_06_{dtype_name}.pt"
     ddp_setup(device, backend)
     rank, world_size = dist.get_rank(), dist.get_world_size()
     torch.manual_seed(args.seed)  # same initial weights on every run (DDP also copies rank 0's to all)
@@ -417,8 +418,8 @@ def main(args):
               f"{world_size} ranks (checked); each rank validates {share_sizes(len(val_set), world_size)} of them")
     train_data = prepare_dataloader(dataset, args.batch_size, args.seed)
     val_data = prepare_val_dataloader(val_set, args.batch_size)
-    trainer = Trainer(model, train_data, val_data, optimizer, device, dtype, args.max_grad_norm, args.save_every,
-                      args.snapshot_path, args.best_path, args.log_file)
+    trainer = Trainer(model, train_data, val_data, optimizer, device, dtype_name, args.max_grad_norm,
+                      args.save_every, snapshot_path, best_path, args.log_file)
     trainer.train(args.max_epochs)
     dist.destroy_process_group()
 
@@ -436,10 +437,10 @@ def parse_args(argv=None):
     parser.add_argument("--dataset_size", type=int, default=4096, help="samples in the data set (default: 4096)")
     parser.add_argument("--val_fraction", type=float, default=0.1,
                         help="share of the data held out for validation (default: 0.1)")
-    parser.add_argument("--snapshot_path", default="snapshot_06.pt",
-                        help="snapshot to save, and to resume from if it exists (default: snapshot_06.pt)")
-    parser.add_argument("--best_path", default="best_06.pt",
-                        help="the model with the lowest validation loss so far (default: best_06.pt)")
+    parser.add_argument("--snapshot_path", default=None,
+                        help="snapshot to save, and to resume from if it exists (default: snapshot_06_DTYPE.pt)")
+    parser.add_argument("--best_path", default=None,
+                        help="the model with the lowest validation loss so far (default: best_06_DTYPE.pt)")
     parser.add_argument("--dtype", choices=list(DTYPES), default=None,
                         help="precision of the forward pass: fp32 (autocast off), bf16, or fp16 (with "
                              "GradScaler) (default: fp16 on a GPU, bf16 on the CPU)")

@@ -41,7 +41,8 @@ def eight_processes(tmp_path_factory):
     """The README's 8 processes (fine on a 2-core machine): 410 validation samples, which 8 ranks cannot
     share evenly."""
     tmp = tmp_path_factory.mktemp("step05_np8")
-    proc = run(torchrun(8, SCRIPT, "--max_epochs", "3", "--log_file", "05_np8.jsonl"), cwd=tmp, timeout=300)
+    proc = run(torchrun(8, SCRIPT, "--max_epochs", "3", "--snapshot_path", "snapshot_np8.pt", "--best_path",
+                        "best_np8.pt", "--log_file", "05_np8.jsonl"), cwd=tmp, timeout=300)
     return tmp, proc.stdout, read_log(tmp / "05_np8.jsonl")
 
 
@@ -49,11 +50,11 @@ def test_validation_loss_is_the_whole_set_loss(step05, eight_processes):
     tmp, stdout, records = eight_processes
     assert [r["epoch"] for r in records] == [0, 1, 2] and all(r["world_size"] == 8 for r in records)
     # the final snapshot holds the model that scored the last epoch's val_loss
-    final = torch.load(tmp / "snapshot_05.pt", weights_only=True)["model"]
+    final = torch.load(tmp / "snapshot_np8.pt", weights_only=True)["model"]
     assert records[-1]["val_loss"] == pytest.approx(whole_set_loss(step05, final, 4096), rel=1e-5)
     # the best-validation checkpoint holds the model with the lowest val_loss
     best = min(records, key=lambda r: r["val_loss"])
-    best_model = torch.load(tmp / "best_05.pt", weights_only=True)
+    best_model = torch.load(tmp / "best_np8.pt", weights_only=True)
     assert best["best"] and best["val_loss"] == pytest.approx(whole_set_loss(step05, best_model, 4096), rel=1e-5)
     # the printed per-epoch line
     last = records[-1]

@@ -49,7 +49,7 @@ def test_bf16_tracks_fp32(tmp_path):
         assert out.splitlines()[-1] == (
             f"[cpu:0] Finished training: 5 epochs | dtype {name} | final train_loss:{last['train_loss']:.4f} "
             f"val_loss:{last['val_loss']:.4f} | mean epoch time {mean:.3f} s (first epoch not counted) | "
-            f"best val_loss:{min(r['val_loss'] for r in records):.4f} saved at best_06.pt")
+            f"best val_loss:{min(r['val_loss'] for r in records):.4f} saved at best_06_{name}.pt")
 
 
 def check_skipped_step(stdout, records, folder, step):
@@ -63,7 +63,7 @@ def check_skipped_step(stdout, records, folder, step):
     assert records[-1]["scale"] == after  # nothing overflowed after the injection (growth needs 2000 steps)
     assert records[-1]["val_loss"] < records[0]["val_loss"]
     # the scaler's state travels in the snapshot, so a resumed run goes on with the same scale
-    snapshot = torch.load(folder / "snapshot_06.pt", weights_only=True)
+    snapshot = torch.load(folder / "snapshot_06_fp16.pt", weights_only=True)
     assert snapshot["dtype"] == "fp16" and snapshot["scaler"]["scale"] == after
 
 
