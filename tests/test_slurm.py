@@ -1,0 +1,187 @@
+"""The Slurm launchers on a real Slurm cluster: slurm/local_cluster.sh starts one on this machine.
+
+Two emulated nodes (two slurmd daemons on this host), real sbatch submissions of
+slurm/sbatch_run.sh and minGPT-ddp/slurm/sbatch_run.sh, real torchrun rendezvous between the
+nodes. Needs root (the cluster installs slurm-wlm with apt-get when it is missing and runs the
+daemons as root); skipped otherwise, and when Slurm can't be installed (no network).
+"""
+import os
+import re
+import shutil
+import socket
+import time
+
+import pytest
+import torch
+
+from conftest import REPO, cpu_env, free_port, run
+
+CLUSTER = REPO / "slurm" / "local_cluster.sh"
+STEP03_JOB = REPO / "slurm" / "sbatch_run.sh"
+MINGPT_JOB = REPO / "minGPT-ddp" / "slurm" / "sbatch_run.sh"
+TINY_GPT = ["model.n_layer=2", "model.n_head=2", "model.n_embd=32", "model.block_size=32", "trainer.batch_size=8",
+            "trainer.eval_iters=4", "trainer.warmup_iters=5", "trainer.log_interval=5", "trainer.eval_interval=10"]
+DONE = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE",
+        "PREEMPTED"}
+JOB_TIMEOUT = 150  # seconds; each job here takes 5-20 s on 2 cores
+
+# Installing Slurm (about 15 s) and the jobs fit well inside this; pytest.ini's 600 s stays the outer bound.
+pytestmark = pytest.mark.timeout(420)
+
+
+def three_free_ports() -> int:
+    """A port P such that P, P+1 and P+2 are free: slurmctld and the two slurmd daemons."""
+    for _ in range(50):
+        base = free_port()
+        if base + 2 > 65535:
+            continue
+        try:
+            for port in (base + 1, base + 2):
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", port))
+            return base
+        except OSError:
+            continue
+    raise AssertionError("found no three consecutive free ports")
+
+
+def slurm_env(**extra) -> dict:
+    """cpu_env without any SLURM_* variable of a job this test may itself run in, plus `extra`."""
+    env = {k: v for k, v in cpu_env().items() if not k.startswith("SLURM_")}
+    env.update({k: str(v) for k, v in extra.items()})
+    return env
+
+
+def daemon_pids(state):
+    return {f.name: int(f.read_text()) for f in state.glob("*.pid")}
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    """A running local cluster with its own state directory and ports; stopped at the end, whatever happens.
+
+    Returns the environment for Slurm commands (SLURM_CONF points at the cluster's slurm.conf).
+    """
+    if os.geteuid() != 0:
+        pytest.skip("the local Slurm cluster needs root (apt-get install slurm-wlm, daemons run as root)")
+    if not shutil.which("slurmctld") and not shutil.which("apt-get"):
+        pytest.skip("Slurm is not installed and there is no apt-get to install it")
+    state = tmp_path_factory.mktemp("slurm") / "state"
+    env = slurm_env(SLURM_LOCAL_DIR=state, SLURM_LOCAL_PORT=three_free_ports(), SLURM_LOCAL_CPUS=2)
+    pids = {}
+    try:
+        proc = run(["bash", CLUSTER, "start"], cwd=REPO, env=env, timeout=360, check=False)
+        pids = daemon_pids(state)
+        if proc.returncode == 3:
+            pytest.skip(f"Slurm could not be installed: {proc.stderr.strip().splitlines()[-1]}")
+        assert proc.returncode == 0, f"local_cluster.sh start failed:\n{proc.stdout}\n{proc.stderr}"
+        assert "n1 and n2 idle" in proc.stdout
+        conf = state / "slurm.conf"
+        assert f"export SLURM_CONF={conf}" in proc.stdout
+        yield slurm_env(SLURM_CONF=conf, SLURM_LOCAL_DIR=state)
+    finally:
+        run(["bash", CLUSTER, "stop"], cwd=REPO, env=env, timeout=120, check=False)
+        # Nothing of it is left: every daemon it recorded has exited.
+        left = [f"{name}={pid}" for name, pid in pids.items() if os.path.exists(f"/proc/{pid}")]
+        assert not left, f"local_cluster.sh stop left daemons running: {left}"
+
+
+def submit(env, script, workdir, *args, **extra_env) -> int:
+    """sbatch from the repository root (the submit directory), with the job working in `workdir`."""
+    env = {**env, **{k: str(v) for k, v in extra_env.items()}}
+    proc = run(["sbatch", "--parsable", "--chdir", workdir, script, *args], cwd=REPO, env=env, timeout=30)
+    return int(proc.stdout.strip().split(";")[0])
+
+
+def job_field(env, job_id, field):
+    out = run(["scontrol", "show", "job", job_id], cwd=REPO, env=env, timeout=30).stdout
+    match = re.search(rf"\b{field}=(\S+)", out)
+    return match.group(1) if match else None
+
+
+def wait(env, job_id, workdir) -> tuple:
+    """Poll `scontrol show job` until the job has ended (sbatch --wait returns slowly).
+
+    Returns (state, output). On timeout the job is cancelled and the test fails with its output.
+    """
+    output_file = workdir / f"slurm-{job_id}.out"
+    deadline = time.monotonic() + JOB_TIMEOUT
+    state = None
+    while time.monotonic() < deadline:
+        state = job_field(env, job_id, "JobState")
+        if state in DONE:
+            break
+        time.sleep(1)
+    else:
+        run(["scancel", job_id], cwd=REPO, env=env, check=False)
+        output = output_file.read_text() if output_file.exists() else "(no output file)"
+        pytest.fail(f"job {job_id} still {state} after {JOB_TIMEOUT} s; cancelled. Its output:\n{output[-4000:]}")
+    return state, output_file.read_text()
+
+
+def test_local_cluster_has_two_idle_nodes_and_starts_only_once(cluster):
+    proc = run(["bash", CLUSTER, "start"], cwd=REPO, env=cluster, timeout=60)
+    assert "already running" in proc.stdout
+    proc = run(["bash", CLUSTER, "status"], cwd=REPO, env=cluster, timeout=60)
+    assert "The local Slurm cluster is running" in proc.stdout
+    nodes = run(["sinfo", "-h", "-N", "-o", "%N %t %c"], cwd=REPO, env=cluster).stdout.splitlines()
+    assert sorted(nodes) == ["n1 idle 2", "n2 idle 2"], proc.stdout
+
+
+def test_step03_on_two_nodes(cluster, tmp_path):
+    """The defaults: 2 nodes x 2 CPU processes, rendezvous on the first node, port from the job id."""
+    job = submit(cluster, STEP03_JOB, tmp_path, "--max_epochs", 2, "--dataset_size", 256, "--batch_size", 16,
+                 "--snapshot_path", tmp_path / "snapshot.pt")
+    state, output = wait(cluster, job, tmp_path)
+    assert state == "COMPLETED", output[-4000:]
+    assert job_field(cluster, job, "NodeList") == "n[1-2]"
+    # the emulated nodes' address is 127.0.0.1 (NodeAddr), so the rendezvous is there too
+    assert (f"job {job} | nodes n[1-2] (2) | rendezvous 127.0.0.1:{20000 + job % 20000} | device cpu | "
+            f"processes per node 2 | working directory {tmp_path}") in output
+    assert "[cpu:0] device cpu | backend gloo | world_size 4 | threads per process 1" in output
+    for rank in range(4):  # every rank of both nodes trained both epochs
+        assert f"[cpu:{rank}] Epoch 1 | Batchsize 16 | Steps 4 |" in output, output
+    assert "[cpu:0] Finished training: 2 epochs" in output
+    assert torch.load(tmp_path / "snapshot.pt", weights_only=True)["epochs_run"] == 2
+
+
+def test_mingpt_on_two_nodes(cluster, tmp_path):
+    """Overrides through the environment: one process per node, rendezvous address and port given."""
+    port = free_port()
+    job = submit(cluster, MINGPT_JOB, tmp_path, *TINY_GPT, "trainer.max_iters=20",
+                 f"trainer.snapshot_path={tmp_path / 'gpt.pt'}", f"trainer.log_file={tmp_path / 'gpt.jsonl'}",
+                 DEVICE="cpu", NPROC_PER_NODE=1, RDZV_HOST="127.0.0.1", RDZV_PORT=port, LOCAL_ADDR="127.0.0.1")
+    state, output = wait(cluster, job, tmp_path)
+    assert state == "COMPLETED", output[-4000:]
+    assert f"rendezvous 127.0.0.1:{port} | device cpu | processes per node 1 |" in output
+    assert "[cpu:0] device cpu | backend gloo | world_size 2 | 1 thread(s) per rank" in output
+    # both ranks loaded the same data: one line each, same fingerprint
+    fingerprints = re.findall(r"\[cpu:(\d)\] data .* fingerprint (\w+)", output)
+    assert sorted(r for r, _ in fingerprints) == ["0", "1"] and len({f for _, f in fingerprints}) == 1, output
+    assert re.search(r"\[cpu:0\] Finished training: steps 0-20 \| val loss [\d.]+ \| [\d.]+ s \| snapshot "
+                     + re.escape(str(tmp_path / "gpt.pt")), output), output
+    assert (tmp_path / "gpt.pt").exists() and '"iter": 20' in (tmp_path / "gpt.jsonl").read_text()
+
+
+def test_failing_training_fails_the_job(cluster, tmp_path):
+    """A bad argument stops the script on every node: the job ends FAILED (no hang) and says why."""
+    job = submit(cluster, STEP03_JOB, tmp_path, "--max_epochs", 0, NPROC_PER_NODE=1)
+    state, output = wait(cluster, job, tmp_path)
+    assert state == "FAILED"
+    assert "--max_epochs must be at least 1" in output
+
+
+def test_batch_scripts_refuse_to_run_outside_slurm(tmp_path):
+    env = slurm_env()
+    for script in (STEP03_JOB, MINGPT_JOB):
+        assert os.access(script, os.X_OK), f"{script} is not executable"
+        proc = run([script], cwd=REPO, env=env, check=False)
+        assert proc.returncode == 1
+        assert "submit it with sbatch" in proc.stderr
+
+
+def test_local_cluster_help():
+    proc = run(["bash", CLUSTER, "--help"], cwd=REPO, timeout=30)
+    assert "start" in proc.stdout and "stop" in proc.stdout and "SLURM_CONF" in proc.stdout
+    proc = run(["bash", CLUSTER, "nonsense"], cwd=REPO, timeout=30, check=False)
+    assert proc.returncode == 1 and "local_cluster.sh start" in proc.stderr
