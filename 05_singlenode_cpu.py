@@ -92,7 +92,23 @@ def ddp_setup(device: torch.device, backend: str):
             torch.set_num_threads(max(1, usable_cores() // int(os.environ["LOCAL_WORLD_SIZE"])))
     else:
         torch.accelerator.set_device_index(device.index)
-    dist.init_process_group(backend, timeout=TIMEOUT)
+    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    dist.init_process_group(backend, store=attempt_store(rank), rank=rank, world_size=world_size, timeout=TIMEOUT)
+
+
+def attempt_store(rank: int):
+    """The key-value store where the processes exchange addresses, with keys kept apart per torchrun attempt.
+
+    torchrun hosts one store for the whole job and keeps it when it restarts the processes,
+    and init_process_group writes the same keys on every attempt. Restarted processes could
+    then read the address a dead predecessor left there and try to connect to it (seen as
+    "Connection refused" or a hang after a restart). A prefix naming the attempt
+    (TORCHELASTIC_RESTART_COUNT) gives every attempt keys of its own.
+    """
+    agent_hosts_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"  # else rank 0 hosts it
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
+                          is_master=rank == 0 and not agent_hosts_store, timeout=TIMEOUT)
+    return dist.PrefixStore(f"attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
 
 
 def save_atomically(obj, path: str):

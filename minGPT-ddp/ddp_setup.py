@@ -7,6 +7,7 @@ The same code serves three ways of starting:
   * any launcher that sets those variables itself.
 """
 import os
+import sys
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Optional
@@ -60,6 +61,9 @@ def pick_device(local_rank: int, local_world_size: int):
 
 
 def start() -> Runtime:
+    # One write per printed line, so lines from several processes never mix mid-line (with
+    # PYTHONUNBUFFERED=1, print() would otherwise write the text and its newline separately).
+    sys.stdout.reconfigure(line_buffering=True, write_through=False)
     launched = "WORLD_SIZE" in os.environ
     rank = int(os.environ.get("RANK", 0))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
@@ -75,8 +79,23 @@ def start() -> Runtime:
         torch.accelerator.set_device_index(device.index)
     if not launched:
         return Runtime(0, 0, 1, device, None)
-    dist.init_process_group(backend, timeout=TIMEOUT, device_id=device if device.type != "cpu" else None)
+    dist.init_process_group(backend, store=attempt_store(rank), rank=rank, world_size=world_size, timeout=TIMEOUT,
+                            device_id=device if device.type != "cpu" else None)
     return Runtime(rank, local_rank, world_size, device, backend)
+
+
+def attempt_store(rank: int):
+    """The key-value store where the processes exchange addresses, with keys kept apart per torchrun attempt.
+
+    torchrun keeps one store for the whole job when it restarts the processes (--max-restarts),
+    and init_process_group writes the same keys on every attempt: a restarted process could
+    read the address a dead predecessor left there and fail with "Connection refused". A
+    prefix naming the attempt (TORCHELASTIC_RESTART_COUNT) gives every attempt its own keys.
+    """
+    agent_hosts_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"  # else rank 0 hosts it
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
+                          is_master=rank == 0 and not agent_hosts_store, timeout=TIMEOUT)
+    return dist.PrefixStore(f"attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
 
 
 def stop(rt: Runtime):
