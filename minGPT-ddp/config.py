@@ -8,7 +8,6 @@ silently train with the default.
 """
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
 
 import torch
 from omegaconf import OmegaConf

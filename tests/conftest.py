@@ -26,7 +26,8 @@ def free_port() -> int:
 def cpu_env(**extra) -> dict:
     """Environment for a worker: CPU only, one thread per process (this machine has 2 cores)."""
     env = dict(os.environ)
-    env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", CUDA_VISIBLE_DEVICES="")
+    # PYTHONFAULTHANDLER: a worker that dies of a signal prints every thread's Python stack first.
+    env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", CUDA_VISIBLE_DEVICES="", PYTHONFAULTHANDLER="1")
     env.update({k: str(v) for k, v in extra.items()})
     return env
 

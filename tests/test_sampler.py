@@ -12,7 +12,7 @@ from collections import Counter
 
 import pytest
 
-from conftest import REPO, run, torchrun
+from conftest import run, torchrun
 
 
 def sampler_indices(tmp_path, world_size, dataset_size):
