@@ -163,6 +163,10 @@ def main(rank: int, world_size: int, args):
     trainer = Trainer(model, train_data, optimizer, rank, device, args.save_every, args.checkpoint_path,
                       args.log_file)
     trainer.train(args.max_epochs)
+    # Wait for every rank before tearing down. While a rank waits here, Gloo's threads finish with its
+    # last collective; a thread still holding one of our tensors when Python shuts down aborts the
+    # process ("terminate called without an active exception", a PyTorch bug: pytorch/pytorch#179291).
+    dist.barrier()
     dist.destroy_process_group()
 
 

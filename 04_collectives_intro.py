@@ -433,6 +433,10 @@ def main(args):
         getattr(demos, name)()
     if rank == 0:
         print(f"[{device.type}:{rank}] Finished training: {len(names)} demo(s) on world_size {world_size}")
+    # Wait for every rank before tearing down. While a rank waits here, Gloo's threads finish with its
+    # last collective; a thread still holding one of our tensors when Python shuts down aborts the
+    # process ("terminate called without an active exception", a PyTorch bug: pytorch/pytorch#179291).
+    dist.barrier()
     dist.destroy_process_group()
 
 

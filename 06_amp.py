@@ -437,6 +437,10 @@ def main(args):
     trainer = Trainer(model, train_data, val_data, optimizer, device, dtype_name, args.max_grad_norm,
                       args.save_every, snapshot_path, best_path, args.log_file)
     trainer.train(args.max_epochs)
+    # Wait for every rank before tearing down. While a rank waits here, Gloo's threads finish with its
+    # last collective; a thread still holding one of our tensors when Python shuts down aborts the
+    # process ("terminate called without an active exception", a PyTorch bug: pytorch/pytorch#179291).
+    dist.barrier()
     dist.destroy_process_group()
 
 

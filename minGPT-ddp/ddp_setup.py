@@ -99,7 +99,13 @@ def attempt_store(rank: int):
 
 
 def stop(rt: Runtime):
+    """Tear the process group down; called from a `finally:`, so also when this rank is failing."""
     if rt.distributed and dist.is_initialized():
+        if sys.exc_info()[0] is None:  # a failing rank must not wait for peers that may be gone
+            # Wait for every rank before tearing down. While a rank waits here, Gloo's threads finish with its
+            # last collective; a thread still holding one of our tensors when Python shuts down aborts the
+            # process ("terminate called without an active exception", a PyTorch bug: pytorch/pytorch#179291).
+            dist.barrier()
         dist.destroy_process_group()
 
 

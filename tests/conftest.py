@@ -6,9 +6,11 @@ torch.distributed is mocked.
 """
 import importlib.util
 import os
+import re
 import socket
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -32,11 +34,30 @@ def cpu_env(**extra) -> dict:
     return env
 
 
+# A PyTorch bug at interpreter exit, not ours (pytorch/pytorch#179291, open): a Gloo worker thread
+# can drop its last reference to a tensor of the final collective after Python began shutting down;
+# Python then ends that thread and C++ aborts (SIGABRT) although training finished and every file
+# was written. Rare (seen about once in 30 runs of 8 processes on a loaded 2-core machine).
+EXIT_ABORT = "terminate called without an active exception"
+
+
+def aborted_only_at_exit(proc) -> bool:
+    """True for that crash alone: the run printed its last line, and every process that failed was aborted
+    by it (SIGABRT, exit code -6) or stopped by torchrun because of it (SIGTERM, -15)."""
+    codes = set(re.findall(r"exitcode\s*:\s*(-?\d+)", proc.stderr))
+    return (EXIT_ABORT in proc.stderr and "Finished training" in proc.stdout
+            and "-6" in codes and codes <= {"-6", "-15"})
+
+
 def run(cmd, cwd, timeout=180, env=None, check=True) -> subprocess.CompletedProcess:
     """Run a command, capture its output; on an unexpected exit code fail with the output shown."""
     cmd = [str(c) for c in cmd]
     proc = subprocess.run(cmd, cwd=cwd, env=env or cpu_env(), capture_output=True, text=True,
                           timeout=timeout, stdin=subprocess.DEVNULL)
+    if check and proc.returncode != 0 and aborted_only_at_exit(proc):
+        warnings.warn(f"a process aborted after training had finished (PyTorch/Gloo exit crash, "
+                      f"pytorch/pytorch#179291): {' '.join(cmd)}")
+        return proc
     if check and proc.returncode != 0:
         raise AssertionError(
             f"command failed with exit code {proc.returncode}: {' '.join(cmd)}\n"
