@@ -4,7 +4,6 @@ Each test executes a copy of the notebook in a temporary directory (the committe
 outputs, is never rewritten) on a kernel that runs this very interpreter, so it works on a fresh
 clone once `make test` has made .venv. The notebooks' subprocesses see no GPU here (CPU only, Gloo).
 """
-import json
 import os
 import shutil
 import sys
@@ -19,6 +18,9 @@ nbclient = pytest.importorskip("nbclient")
 from jupyter_client.kernelspec import KernelSpecManager  # noqa: E402  (comes with nbclient)
 from jupyter_client.manager import KernelManager  # noqa: E402
 
+sys.path.insert(0, str(REPO / "tools"))
+from execute_notebooks import write_kernel_spec  # noqa: E402  (the kernel that tools/ runs notebooks with)
+
 NOTEBOOK_DIR = REPO / "notebooks"
 NOTEBOOKS = sorted(NOTEBOOK_DIR.glob("*.ipynb"))
 KERNEL = "ddp-steps-test"
@@ -30,11 +32,7 @@ def kernel_dir(tmp_path_factory):
     """A kernel spec that starts `sys.executable -m ipykernel_launcher`: the venv running the tests,
     whatever kernels (or none) are installed for the user or the system."""
     root = tmp_path_factory.mktemp("kernels")
-    spec = root / KERNEL
-    spec.mkdir()
-    (spec / "kernel.json").write_text(json.dumps({
-        "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
-        "display_name": "ddp-steps (test)", "language": "python"}))
+    write_kernel_spec(root, KERNEL)
     return root
 
 

@@ -10,6 +10,7 @@ the repository). The command is shown before it runs, exactly as you would type 
 import argparse
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -44,12 +45,18 @@ def tour_steps(nproc: int):
         ("04", "collectives", [*torchrun, "04_collectives_intro.py"], {}, None),
         ("05", "a CPU cluster", [*torchrun, "05_singlenode_cpu.py", "--max_epochs", "5", "--log_file", "05.jsonl"],
          {}, "05.jsonl"),
-        ("06", "mixed precision: fp32", [*torchrun, "06_amp.py", "--max_epochs", "3", "--dtype", "fp32",
-                                         "--snapshot_path", "fp32.pt", "--log_file", "fp32.jsonl"], {}, "fp32.jsonl"),
-        ("06", "mixed precision: bf16", [*torchrun, "06_amp.py", "--max_epochs", "3", "--dtype", "bf16",
-                                         "--snapshot_path", "bf16.pt", "--log_file", "bf16.jsonl"], {}, "bf16.jsonl"),
-        ("mingpt", "minGPT-ddp", [*torchrun, "minGPT-ddp/main.py", "config=minGPT-ddp/cpu_cfg.yaml",
-                                  "trainer.max_iters=60", "trainer.log_file=mingpt.jsonl"], {}, "mingpt.jsonl"),
+        ("06", "mixed precision: fp32",
+         [*torchrun, "06_amp.py", "--max_epochs", "3", "--dtype", "fp32", "--log_file", "fp32.jsonl"], {},
+         "fp32.jsonl"),
+        ("06", "mixed precision: bf16",
+         [*torchrun, "06_amp.py", "--max_epochs", "3", "--dtype", "bf16", "--log_file", "bf16.jsonl"], {},
+         "bf16.jsonl"),
+        ("mingpt", "minGPT-ddp: train a small GPT",
+         [*torchrun, "minGPT-ddp/main.py", "trainer.max_iters=200", "trainer.eval_interval=100",
+          "trainer.snapshot_path=mingpt.pt", "trainer.log_file=mingpt.jsonl"], {}, "mingpt.jsonl"),
+        ("mingpt", "minGPT-ddp: sample from it",
+         ["python", "minGPT-ddp/sample.py", "--snapshot", "mingpt.pt", "--prompt", "def ", "--max-new-tokens",
+          "200"], {}, None),
     ]
 
 
@@ -99,7 +106,7 @@ def main():
         workdir = root / key  # steps with the same key share a folder: 03 resumes from its own snapshot
         workdir.mkdir(parents=True, exist_ok=True)
         env_text = "".join(f"{k}={v} " for k, v in extra_env.items())
-        print(f"==> [{key}] {title}\n    $ {env_text}{' '.join(command)}", flush=True)
+        print(f"==> [{key}] {title}\n    $ {env_text}{shlex.join(command)}", flush=True)
         start = time.perf_counter()
         proc = subprocess.run(resolve(command), cwd=workdir, env={**os.environ, **extra_env},
                               stdin=subprocess.DEVNULL)
@@ -114,7 +121,8 @@ def main():
     for key, title, status, seconds, loss in results:
         loss_text = f"{loss:.4f}" if loss is not None else "-"
         print(f"  {key:<7} {title:<36} {status:<18} {seconds:>8.1f}  {loss_text}")
-    print(f"\nEverything the steps wrote is under {root}")
+    shown = root.relative_to(REPO) if root.is_relative_to(REPO) else root  # runs/tour, as the README says
+    print(f"\nEverything the steps wrote is under {shown}")
     sys.exit(0 if all(r[2] in ("ok", "not present") for r in results) else 1)
 
 
