@@ -41,6 +41,7 @@
 #                   rendezvous is on 127.0.0.1 (as on slurm/local_cluster.sh)
 #   MAX_RESTARTS    torchrun --max-restarts: restart all processes this often after a crash (default 0)
 #   DDP_STEPS_DIR   the repository (default: the directory you submitted from)
+#   TRAIN_SCRIPT    the script to train, relative to the repository (default 03_multigpu_torchrun.py)
 
 # Stop at the first failing command (-e), on unset variables (-u) and on failures inside pipes.
 set -euo pipefail
@@ -52,7 +53,9 @@ fi
 # sbatch ran this script from a copy in Slurm's spool directory, so the script's own location
 # says nothing: find the repository through the directory sbatch was called from.
 REPO="${DDP_STEPS_DIR:-${SLURM_SUBMIT_DIR:-$PWD}}"
-SCRIPT="$REPO/03_multigpu_torchrun.py"
+# The training script, relative to the repository: step 03 unless TRAIN_SCRIPT says otherwise
+# (minGPT-ddp/slurm/sbatch_run.sh sets it to minGPT-ddp/main.py and hands over to this file).
+SCRIPT="$REPO/${TRAIN_SCRIPT:-03_multigpu_torchrun.py}"
 if [[ ! -f "$SCRIPT" ]]; then
     echo "error: $SCRIPT not found: submit from the repository root (cd ddp-steps; sbatch slurm/sbatch_run.sh)" \
          "or set DDP_STEPS_DIR=/path/to/ddp-steps" >&2

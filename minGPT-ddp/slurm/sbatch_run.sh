@@ -12,111 +12,37 @@
 # trainer.log_file=... say otherwise. Resubmitting with trainer.resume=auto continues from the
 # snapshot (or starts afresh when there is none): the way to train longer than --time allows.
 #
-# sbatch queues the job and returns at once; the job's output goes to slurm-JOBID.out in the
-# directory you submitted from. Slurm runs this script once, on the first node of the job;
-# `srun` below then starts one torchrun per node, and each torchrun starts the training
-# processes of its node. The torchruns find each other through a rendezvous on the first node.
+# Everything but the training script is slurm/sbatch_run.sh's (step 03's launcher): this file
+# holds sbatch's options, finds the repository and hands over to it with TRAIN_SCRIPT set.
+# Read that file for what each line does; its environment variables (DEVICE, NPROC_PER_NODE,
+# OMP_NUM_THREADS, RDZV_HOST, RDZV_PORT, LOCAL_ADDR, MAX_RESTARTS) work here too.
 #
-# Lines that start with #SBATCH are options for sbatch (bash sees comments). Options given on
+# Lines that start with #SBATCH are options for sbatch (bash sees comments); options given on
 # the sbatch command line win over them: `sbatch --nodes 4 minGPT-ddp/slurm/sbatch_run.sh`.
 #SBATCH --job-name=mingpt-ddp
-# How many machines (nodes) the job gets.
 #SBATCH --nodes=2
-# One task per node: that task is torchrun, which starts the node's processes itself.
 #SBATCH --ntasks-per-node=1
-# Cores for that one task, shared by all the processes torchrun starts on the node:
-# at least NPROC_PER_NODE on CPU nodes; on GPU nodes give it several per GPU (e.g. 32 for 8 GPUs).
 #SBATCH --cpus-per-task=2
-# GPUs per node. Off by default, so the script also runs on CPU-only clusters (and on
-# slurm/local_cluster.sh); on a GPU cluster delete one '#' below or pass --gpus-per-node=8 to sbatch.
 ##SBATCH --gpus-per-node=8
-# Wall-clock limit: Slurm ends the job after this long (hours:minutes:seconds).
 #SBATCH --time=01:00:00
-# Where stdout and stderr go (%j: the job id), relative to the job's working directory.
 #SBATCH --output=slurm-%j.out
-#
-# Environment variables that change what it does (set them in front of sbatch: sbatch takes
-# your environment along to the job, e.g. `DEVICE=cpu NPROC_PER_NODE=4 sbatch minGPT-ddp/slurm/sbatch_run.sh`):
-#   DEVICE          gpu, cpu or auto (default): auto uses the GPUs if nvidia-smi finds any
-#   NPROC_PER_NODE  processes per node; default: one per GPU, or 2 on CPU
-#   OMP_NUM_THREADS threads per process on CPU (default 1)
-#   RDZV_HOST       address of the rendezvous (default: the first node's address, from Slurm)
-#   RDZV_PORT       its port (default 20000 + job id % 20000: jobs running at once never share one)
-#   LOCAL_ADDR      the address torchrun tells the other nodes to reach this node at
-#                   (default: its hostname). One value for all nodes, so it only makes sense
-#                   where all "nodes" are one machine: 127.0.0.1, the default when the
-#                   rendezvous is on 127.0.0.1 (as on slurm/local_cluster.sh)
-#   MAX_RESTARTS    torchrun --max-restarts: restart all processes this often after a crash (default 0)
-#   DDP_STEPS_DIR   the repository (default: the directory you submitted from, or its parent
-#                   when you submitted from minGPT-ddp/)
 
-# Stop at the first failing command (-e), on unset variables (-u) and on failures inside pipes.
 set -euo pipefail
 if [[ -z "${SLURM_JOB_ID:-}" ]]; then
     echo "error: this is a Slurm batch script: submit it with sbatch (sbatch minGPT-ddp/slurm/sbatch_run.sh)" >&2
     exit 1
 fi
-
-# sbatch ran this script from a copy in Slurm's spool directory, so the script's own location
-# says nothing: find the repository through the directory sbatch was called from.
+# sbatch runs a copy of this file from Slurm's spool directory: find the repository through the
+# directory sbatch was called from (the repository root, or minGPT-ddp/ inside it).
 SUBMIT_DIR="${SLURM_SUBMIT_DIR:-$PWD}"
 if [[ -z "${DDP_STEPS_DIR:-}" && ! -f "$SUBMIT_DIR/minGPT-ddp/main.py" && -f "$SUBMIT_DIR/main.py" ]]; then
     DDP_STEPS_DIR="$(dirname "$SUBMIT_DIR")"  # submitted from inside minGPT-ddp/
 fi
-REPO="${DDP_STEPS_DIR:-$SUBMIT_DIR}"
-SCRIPT="$REPO/minGPT-ddp/main.py"
-if [[ ! -f "$SCRIPT" ]]; then
-    echo "error: $SCRIPT not found: submit from the repository root (cd ddp-steps; sbatch minGPT-ddp/slurm/sbatch_run.sh)" \
-         "or set DDP_STEPS_DIR=/path/to/ddp-steps" >&2
+export DDP_STEPS_DIR="${DDP_STEPS_DIR:-$SUBMIT_DIR}"
+if [[ ! -f "$DDP_STEPS_DIR/slurm/sbatch_run.sh" ]]; then
+    echo "error: $DDP_STEPS_DIR/slurm/sbatch_run.sh not found: submit from the repository root" \
+         "(cd ddp-steps; sbatch minGPT-ddp/slurm/sbatch_run.sh) or set DDP_STEPS_DIR=/path/to/ddp-steps" >&2
     exit 1
 fi
-# The virtualenv that `make` creates, if there is one: its bin/ holds python and torchrun.
-# (The path must be the same on every node: the repository on a shared file system.)
-if [[ -x "$REPO/.venv/bin/torchrun" ]]; then
-    export PATH="$REPO/.venv/bin:$PATH"
-fi
-command -v torchrun >/dev/null || { echo "error: torchrun not found: run 'make install' or activate a Python with PyTorch" >&2; exit 1; }
-
-# The job's nodes: SLURM_JOB_NODELIST is compressed ("gpu[01-02]"), scontrol expands it.
-# The first node hosts the rendezvous. Its address is the one Slurm itself reaches it at
-# (NodeAddr; the same as the name on most clusters).
-HEAD=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)
-HEAD_ADDR=$(scontrol show node "$HEAD" 2>/dev/null | sed -n 's/.*NodeAddr=\([^ ]*\).*/\1/p' | head -n1 || true)
-RDZV_HOST="${RDZV_HOST:-${HEAD_ADDR:-$HEAD}}"
-# A port from the job id: two jobs running at the same time, even on the same first node,
-# never meet in each other's rendezvous.
-RDZV_PORT="${RDZV_PORT:-$((20000 + SLURM_JOB_ID % 20000))}"
-if [[ -z "${LOCAL_ADDR:-}" && "$RDZV_HOST" == 127.* ]]; then
-    LOCAL_ADDR=127.0.0.1
-fi
-
-DEVICE="${DEVICE:-auto}"
-if [[ "$DEVICE" == auto ]]; then
-    if command -v nvidia-smi >/dev/null && nvidia-smi -L >/dev/null 2>&1; then DEVICE=gpu; else DEVICE=cpu; fi
-fi
-case "$DEVICE" in
-    gpu) NPROC="${NPROC_PER_NODE:-gpu}" ;;  # torchrun's "gpu": one process per GPU it can see
-    cpu) NPROC="${NPROC_PER_NODE:-2}"
-         export CUDA_VISIBLE_DEVICES=""  # hide any GPU: the script then uses the CPU and gloo
-         export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}" ;;
-    *) echo "error: DEVICE must be gpu, cpu or auto, not '$DEVICE'" >&2; exit 1 ;;
-esac
-
-echo "job $SLURM_JOB_ID | nodes $SLURM_JOB_NODELIST ($SLURM_JOB_NUM_NODES) | rendezvous $RDZV_HOST:$RDZV_PORT" \
-     "| device $DEVICE | processes per node $NPROC | working directory $PWD"
-
-# srun starts one task per node (the torchrun line below) on all the job's nodes at once.
-#   --cpus-per-task: srun does not take it from sbatch by itself (Slurm 22.05 and later)
-#   --kill-on-bad-exit=1: if one node's torchrun fails, end the others instead of letting them wait
-# torchrun:
-#   --nnodes: how many torchruns must meet before training starts
-#   --rdzv-backend c10d: the rendezvous is a small key-value store that the torchrun on the
-#     rendezvous host serves; --rdzv-endpoint says where, --rdzv-id tells this job's torchruns apart
-#   --local-addr: the address this node's torchrun gives the others (only where set)
-# "$@": the arguments you gave after the script's name on the sbatch line (config=..., key=value).
-srun --ntasks="$SLURM_JOB_NUM_NODES" --ntasks-per-node=1 --cpus-per-task="${SLURM_CPUS_PER_TASK:-1}" \
-     --kill-on-bad-exit=1 \
-    torchrun --nnodes "$SLURM_JOB_NUM_NODES" --nproc-per-node "$NPROC" \
-        --rdzv-backend c10d --rdzv-endpoint "$RDZV_HOST:$RDZV_PORT" --rdzv-id "$SLURM_JOB_ID" \
-        ${LOCAL_ADDR:+--local-addr "$LOCAL_ADDR"} --max-restarts "${MAX_RESTARTS:-0}" \
-        "$SCRIPT" "$@"
+# "$@": the arguments after the script's name on the sbatch line (config=..., key=value) go to main.py.
+TRAIN_SCRIPT=minGPT-ddp/main.py exec bash "$DDP_STEPS_DIR/slurm/sbatch_run.sh" "$@"
