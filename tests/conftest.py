@@ -44,7 +44,8 @@ EXIT_ABORT = "terminate called without an active exception"
 def aborted_only_at_exit(proc) -> bool:
     """True for that crash alone: the run printed its last line, and every process that failed was aborted
     by it (SIGABRT, exit code -6) or stopped by torchrun because of it (SIGTERM, -15)."""
-    codes = set(re.findall(r"exitcode\s*:\s*(-?\d+)", proc.stderr))
+    final_report = proc.stderr.rsplit("ChildFailedError", 1)[-1]  # torchrun's report on its last attempt
+    codes = set(re.findall(r"exitcode\s*:\s*(-?\d+)", final_report))
     return (EXIT_ABORT in proc.stderr and "Finished training" in proc.stdout
             and "-6" in codes and codes <= {"-6", "-15"})
 

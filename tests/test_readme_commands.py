@@ -9,11 +9,12 @@ import os
 import re
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
 
-from conftest import REPO, cpu_env
+from conftest import REPO, aborted_only_at_exit, cpu_env
 
 READMES = [REPO / "README.md", *sorted(REPO.glob("*/README.md"))]
 BLOCK = re.compile(r"<!-- tested[^>]*-->\s*```bash\n(.*?)```", re.S)
@@ -42,7 +43,15 @@ def test_readmes_have_readme_blocks():
 @pytest.mark.parametrize("readme,block", list(readme_blocks()))
 def test_readme_block_runs(tmp_path, readme, block):
     env = cpu_env(PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
-    proc = subprocess.run(["bash", "-euo", "pipefail", "-c", block], cwd=scratch_copy(tmp_path, readme), env=env,
-                          capture_output=True, text=True, timeout=400, stdin=subprocess.DEVNULL)
+
+    def run_block(folder: Path):
+        folder.mkdir()
+        return subprocess.run(["bash", "-euo", "pipefail", "-c", block], cwd=scratch_copy(folder, readme), env=env,
+                              capture_output=True, text=True, timeout=400, stdin=subprocess.DEVNULL)
+
+    proc = run_block(tmp_path / "first")
+    if proc.returncode != 0 and aborted_only_at_exit(proc):  # PyTorch's exit abort (see conftest): once more
+        warnings.warn(f"README block hit the Gloo exit abort (pytorch/pytorch#179291); running it again: {block}")
+        proc = run_block(tmp_path / "again")
     assert proc.returncode == 0, f"{block}\n--- stdout ---\n{proc.stdout[-3000:]}\n--- stderr ---\n{proc.stderr[-3000:]}"
     assert "Traceback" not in proc.stdout
