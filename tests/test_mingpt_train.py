@@ -8,14 +8,11 @@ import sys
 
 import pytest
 
-from conftest import REPO, free_port, run, torchrun
+from conftest import REPO, TINY_GPT, free_port, run, torchrun
 
 MAIN = REPO / "minGPT-ddp" / "main.py"
 SAMPLE = REPO / "minGPT-ddp" / "sample.py"
-TINY = ["config=" + str(REPO / "minGPT-ddp" / "cpu_cfg.yaml"),
-        "model.n_layer=2", "model.n_head=2", "model.n_embd=32", "model.block_size=32",
-        "trainer.batch_size=8", "trainer.eval_iters=4", "trainer.warmup_iters=5", "trainer.learning_rate=3e-3",
-        "trainer.log_interval=5", "trainer.eval_interval=10"]
+TINY = ["config=" + str(REPO / "minGPT-ddp" / "cpu_cfg.yaml"), *TINY_GPT, "trainer.learning_rate=3e-3"]
 
 
 def outputs(tmp_path, name):

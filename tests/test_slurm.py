@@ -14,13 +14,11 @@ import time
 import pytest
 import torch
 
-from conftest import REPO, cpu_env, free_port, run
+from conftest import REPO, TINY_GPT, cpu_env, free_port, run
 
 CLUSTER = REPO / "slurm" / "local_cluster.sh"
 STEP03_JOB = REPO / "slurm" / "sbatch_run.sh"
 MINGPT_JOB = REPO / "minGPT-ddp" / "slurm" / "sbatch_run.sh"
-TINY_GPT = ["model.n_layer=2", "model.n_head=2", "model.n_embd=32", "model.block_size=32", "trainer.batch_size=8",
-            "trainer.eval_iters=4", "trainer.warmup_iters=5", "trainer.log_interval=5", "trainer.eval_interval=10"]
 DONE = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE",
         "PREEMPTED"}
 JOB_TIMEOUT = 150  # seconds; each job here takes 5-20 s on 2 cores
