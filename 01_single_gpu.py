@@ -1,11 +1,9 @@
 """Step 01: train a small model on one device.
 
-This is the baseline every later step extends. It has no distributed code at all:
-one process, one device (a GPU if there is one, else the CPU), a toy regression
-task and a small Trainer class. Later steps keep these names and this structure
-so that `diff 01_single_gpu.py 02_multigpu_mp_spawn.py` shows only what is new.
+The baseline every later step extends: one process, one device (a GPU if there is one,
+else the CPU), a toy regression task and a small Trainer class. No distributed code yet.
 
-    python 01_single_gpu.py                  # defaults: 10 epochs, batch 32
+    python 01_single_gpu.py                         # 10 epochs, batch 32
     python 01_single_gpu.py --max_epochs 20 --lr 0.02
 """
 import argparse
@@ -22,7 +20,7 @@ class RegressionDataset(Dataset):
     """Synthetic data made in the script: y = w·x + small noise, so the loss can really fall.
 
     The data has its own fixed seed, independent of the training seed: every run
-    (and, in later steps, every process) builds exactly the same samples.
+    and every process builds exactly the same samples.
     """
 
     def __init__(self, size: int, in_features: int = 20, noise: float = 0.05):
@@ -41,9 +39,9 @@ class RegressionDataset(Dataset):
 def pick_device() -> torch.device:
     """A GPU (or other accelerator) if PyTorch sees one, else the CPU."""
     accelerator = torch.accelerator.current_accelerator(check_available=True)
-    if accelerator is not None:
-        return torch.device(accelerator.type, 0)
-    return torch.device("cpu")
+    if accelerator is None:
+        return torch.device("cpu")
+    return torch.device(accelerator.type, 0)
 
 
 class Trainer:
@@ -69,12 +67,13 @@ class Trainer:
         batch_size = self.train_data.batch_size
         total_loss = torch.zeros((), device=self.device)
         for source, targets in self.train_data:
-            source, targets = source.to(self.device), targets.to(self.device)
+            # non_blocking: from pinned memory, the copy to a GPU overlaps with work already queued
+            source, targets = source.to(self.device, non_blocking=True), targets.to(self.device, non_blocking=True)
             total_loss += self._run_batch(source, targets)
         steps = len(self.train_data)
         loss = total_loss.item() / steps  # one device->host copy per epoch, not per batch
         print(f"{self.tag} Epoch {epoch} | Batchsize {batch_size} | Steps {steps} | loss {loss:.4f}")
-        return {"epoch": epoch, "batch_size": batch_size, "steps": steps, "loss": loss}
+        return {"epoch": epoch, "batch_size": batch_size, "steps": steps, "loss": loss, "world_size": 1}
 
     def _save_checkpoint(self, epoch):
         # Write to a temporary file, then rename: a crash mid-write never leaves a half file behind.
@@ -104,18 +103,18 @@ def load_train_objs(args):
     return train_set, model, optimizer
 
 
-def prepare_dataloader(dataset: Dataset, batch_size: int):
-    # pinned host memory speeds up copies to a GPU; it means nothing without one
-    return DataLoader(dataset, batch_size=batch_size, shuffle=True, pin_memory=torch.cuda.is_available())
+def prepare_dataloader(dataset: Dataset, batch_size: int, device: torch.device):
+    # pinned (page-locked) host memory speeds up copies to a CUDA GPU; it means nothing for the CPU
+    return DataLoader(dataset, batch_size=batch_size, shuffle=True, pin_memory=device.type == "cuda")
 
 
 def main(args):
     torch.manual_seed(args.seed)  # same initial weights and data order on every run
     device = pick_device()
-    print(f"[{device.type}:0] device {device} | backend none (one process) | world_size 1 | "
-          f"threads {torch.get_num_threads()}")
+    print(f"[{device.type}:0] device {device.type} | backend none | world_size 1 | "
+          f"GPUs here {torch.accelerator.device_count()}")
     dataset, model, optimizer = load_train_objs(args)
-    train_data = prepare_dataloader(dataset, args.batch_size)
+    train_data = prepare_dataloader(dataset, args.batch_size, device)
     trainer = Trainer(model, train_data, optimizer, device, args.save_every, args.checkpoint_path, args.log_file)
     trainer.train(args.max_epochs)
 
@@ -130,7 +129,13 @@ def parse_args(argv=None):
     parser.add_argument("--dataset_size", type=int, default=4096, help="samples in the data set (default: 4096)")
     parser.add_argument("--checkpoint_path", default="checkpoint.pt", help="where to save (default: checkpoint.pt)")
     parser.add_argument("--log_file", default=None, help="append one JSON line per epoch here (for plots)")
-    args = parser.parse_args(argv)
+    return check_args(parser, parser.parse_args(argv))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Guards and conveniences: clear one-line errors for bad input. Not the lesson; read them last.
+# ----------------------------------------------------------------------------------------------------------
+def check_args(parser, args):
     for name in ("max_epochs", "batch_size", "save_every", "dataset_size"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be at least 1")

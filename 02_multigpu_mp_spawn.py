@@ -1,24 +1,16 @@
 """Step 02: the same training on several processes with DistributedDataParallel (DDP).
 
-New over step 01:
-  * `mp.spawn` starts `world_size` processes, each running `main(rank, ...)`.
-  * `init_process_group` connects them (rank 0 listens on MASTER_ADDR:MASTER_PORT).
-  * `DistributedSampler` hands each process its own share of every epoch; `set_epoch`
-    reshuffles that split each epoch.
-  * `DDP` wraps the model: after `backward()` every process holds the gradient
-    averaged over all processes, so all copies of the model stay identical.
-  * Only rank 0 saves the checkpoint, through `model.module` (the unwrapped model).
+New over step 01: `mp.spawn` starts the processes, `init_process_group` connects them,
+`DistributedSampler` gives each its own share of the data, and `DDP` averages gradients.
 
-    python 02_multigpu_mp_spawn.py                  # all GPUs, or 2 CPU processes
+    python 02_multigpu_mp_spawn.py                  # one process per GPU, or 2 on the CPU
     python 02_multigpu_mp_spawn.py --world_size 4   # 4 processes
 """
 import argparse
 import json
 import os
-import socket
 import sys
 import time
-from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -28,11 +20,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, Dataset
 from torch.utils.data.distributed import DistributedSampler
 
-# Which communication library a device type uses: NCCL between NVIDIA GPUs
-# (XCCL between Intel GPUs); Gloo between CPU processes.
+# The communication library between processes: NCCL for NVIDIA GPUs, XCCL for Intel GPUs, else Gloo (CPU).
 BACKENDS = {"cuda": "nccl", "xpu": "xccl"}
-# How long a collective may wait for its peers: a dead peer becomes an error, not a hang.
-TIMEOUT = timedelta(minutes=2)
 
 
 class RegressionDataset(Dataset):
@@ -55,25 +44,18 @@ class RegressionDataset(Dataset):
         return self.inputs[index], self.targets[index]
 
 
-def pick_device(rank: int):
-    """Process `rank` gets GPU number `rank` and NCCL; without GPUs every process uses the CPU and Gloo."""
+def pick_device(gpu_index: int, processes_per_node: int):
+    """GPU number `gpu_index` and NCCL if this node has a GPU for every process; else all use the CPU and Gloo."""
     accelerator = torch.accelerator.current_accelerator(check_available=True)
-    if accelerator is not None and accelerator.type in BACKENDS:
-        return torch.device(accelerator.type, rank), BACKENDS[accelerator.type]
-    return torch.device("cpu"), "gloo"
+    if accelerator is None or accelerator.type not in BACKENDS or torch.accelerator.device_count() < processes_per_node:
+        return torch.device("cpu"), "gloo"
+    return torch.device(accelerator.type, gpu_index), BACKENDS[accelerator.type]
 
 
 def ddp_setup(rank: int, world_size: int, device: torch.device, backend: str):
-    """rank: this process's id, 0..world_size-1; world_size: how many processes train together."""
-    if device.type == "cpu":
-        # N processes sharing the CPU must not each start one thread per core.
-        # An OMP_NUM_THREADS you set yourself wins.
-        if "OMP_NUM_THREADS" not in os.environ:
-            torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
-    else:
-        torch.accelerator.set_device_index(device.index)
-    # Every process calls this; they meet at MASTER_ADDR:MASTER_PORT, set in __main__ below.
-    dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=TIMEOUT)
+    if device.type != "cpu":
+        torch.accelerator.set_device_index(device.index)  # each process drives its own GPU
+    dist.init_process_group(backend, rank=rank, world_size=world_size)  # they meet at MASTER_ADDR:MASTER_PORT
 
 
 class Trainer:
@@ -102,7 +84,8 @@ class Trainer:
         self.train_data.sampler.set_epoch(epoch)  # without it, every epoch would see the same split and order
         total_loss = torch.zeros((), device=self.device)
         for source, targets in self.train_data:
-            source, targets = source.to(self.device), targets.to(self.device)
+            # non_blocking: from pinned memory, the copy to a GPU overlaps with work already queued
+            source, targets = source.to(self.device, non_blocking=True), targets.to(self.device, non_blocking=True)
             total_loss += self._run_batch(source, targets)
         steps = len(self.train_data)
         loss = total_loss.item() / steps  # one device->host copy per epoch, not per batch
@@ -140,55 +123,32 @@ def load_train_objs(args):
     return train_set, model, optimizer
 
 
-def prepare_dataloader(dataset: Dataset, batch_size: int, seed: int):
-    # pinned host memory speeds up copies to a GPU; it means nothing without one.
-    # DistributedSampler gives each process a disjoint 1/world_size of the samples (it shuffles,
-    # so the DataLoader must not). If the data set does not divide evenly, it repeats a few
-    # samples so that every process gets the same number of batches.
-    return DataLoader(dataset, batch_size=batch_size, shuffle=False, pin_memory=torch.cuda.is_available(),
+def prepare_dataloader(dataset: Dataset, batch_size: int, device: torch.device, seed: int):
+    # pinned (page-locked) host memory speeds up copies to a CUDA GPU; it means nothing for the CPU
+    # DistributedSampler gives each process its own 1/world_size of the samples, shuffled (so the DataLoader
+    # must not shuffle); where they do not divide evenly it repeats a few, so all get the same number of batches.
+    return DataLoader(dataset, batch_size=batch_size, shuffle=False, pin_memory=device.type == "cuda",
                       sampler=DistributedSampler(dataset, seed=seed))
 
 
 def main(rank: int, world_size: int, args):
     # One write per printed line, so lines from several processes never mix mid-line.
     sys.stdout.reconfigure(line_buffering=True, write_through=False)
-    device, backend = pick_device(rank)
+    device, backend = pick_device(rank, world_size)
     ddp_setup(rank, world_size, device, backend)
-    torch.manual_seed(args.seed)  # same initial weights on every run (DDP also copies rank 0's to all)
-    if rank == 0:
-        print(f"[{device.type}:{rank}] device {device.type} | backend {backend} | world_size {world_size} | "
-              f"threads per process {torch.get_num_threads()}")
+    torch.manual_seed(args.seed)  # same initial weights and data order on every run
+    print(f"[{device.type}:{rank}] device {device.type} | backend {backend} | world_size {world_size} | "
+          f"GPUs here {torch.accelerator.device_count()}")
     dataset, model, optimizer = load_train_objs(args)
-    train_data = prepare_dataloader(dataset, args.batch_size, args.seed)
+    train_data = prepare_dataloader(dataset, args.batch_size, device, args.seed)
     trainer = Trainer(model, train_data, optimizer, rank, device, args.save_every, args.checkpoint_path,
                       args.log_file)
     trainer.train(args.max_epochs)
-    # Wait for every rank before tearing down. While a rank waits here, Gloo's threads finish with its
-    # last collective; a thread still holding one of our tensors when Python shuts down aborts the
-    # process ("terminate called without an active exception", a PyTorch bug: pytorch/pytorch#179291).
-    dist.barrier()
     dist.destroy_process_group()
 
 
-def free_port() -> int:
-    """Ask the OS for a port nobody uses (binding port 0), so two runs on one machine never collide."""
-    with socket.socket() as s:
-        s.bind(("", 0))
-        return s.getsockname()[1]
-
-
-def port_in_use(port: int) -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind(("", port))
-        except OSError:
-            return True
-    return False
-
-
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description="Step 02: train the toy model on several processes with DDP "
-                                                 "(started by mp.spawn).")
+    parser = argparse.ArgumentParser(description="Step 02: train the toy model on several processes with DDP.")
     parser.add_argument("--max_epochs", type=int, default=10, help="epochs to train (default: 10)")
     parser.add_argument("--batch_size", type=int, default=32, help="samples per batch (default: 32)")
     parser.add_argument("--save_every", type=int, default=5, help="save a checkpoint every N epochs (default: 5)")
@@ -197,36 +157,24 @@ def parse_args(argv=None):
     parser.add_argument("--dataset_size", type=int, default=4096, help="samples in the data set (default: 4096)")
     parser.add_argument("--checkpoint_path", default="checkpoint.pt", help="where to save (default: checkpoint.pt)")
     parser.add_argument("--log_file", default=None, help="append one JSON line per epoch here (for plots)")
-    parser.add_argument("--world_size", type=int, default=None,
-                        help="processes to start (default: one per GPU, or 2 on a machine without GPUs)")
-    parser.add_argument("--master_port", type=int, default=None,
-                        help="port rank 0 listens on (default: a free one)")
-    args = parser.parse_args(argv)
-    for name in ("max_epochs", "batch_size", "save_every", "dataset_size"):
+    parser.add_argument("--world_size", type=int, default=max(2, torch.accelerator.device_count()),
+                        help="processes to start (default: one per GPU where there are 2 or more, else 2)")
+    return check_args(parser, parser.parse_args(argv))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Guards and conveniences: clear one-line errors for bad input. Not the lesson; read them last.
+# ----------------------------------------------------------------------------------------------------------
+def check_args(parser, args):
+    for name in ("max_epochs", "batch_size", "save_every", "dataset_size", "world_size"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be at least 1")
-
-    accelerator = torch.accelerator.current_accelerator(check_available=True)
-    gpus = torch.accelerator.device_count() if accelerator is not None and accelerator.type in BACKENDS else 0
-    if args.world_size is None:
-        args.world_size = gpus or 2
-    if args.world_size < 1:
-        parser.error("--world_size must be at least 1")
-    if gpus and args.world_size > gpus:
-        parser.error(f"--world_size {args.world_size} asks for more processes than the {gpus} GPU(s) "
-                     f"this machine has; DDP here uses one GPU per process")
-    if args.master_port is None:
-        args.master_port = free_port()
-    elif port_in_use(args.master_port):
-        parser.error(f"port {args.master_port} is already in use (another run still going?); "
-                     f"pick another --master_port or leave it out to get a free one")
     return args
 
 
 if __name__ == "__main__":
     args = parse_args()
-    # Where rank 0 listens; the spawned processes inherit these variables.
-    os.environ["MASTER_ADDR"] = "localhost"
-    os.environ["MASTER_PORT"] = str(args.master_port)
-    # Start world_size processes; process i runs main(i, world_size, args).
-    mp.spawn(main, args=(args.world_size, args), nprocs=args.world_size)
+    # Where rank 0 listens (yours, if you set these variables); the spawned processes inherit them.
+    os.environ.setdefault("MASTER_ADDR", "localhost")
+    os.environ.setdefault("MASTER_PORT", "12355")
+    mp.spawn(main, args=(args.world_size, args), nprocs=args.world_size)  # process i runs main(i, ...)

@@ -1,25 +1,19 @@
 """Step 03: launch with torchrun; save snapshots and resume from them.
 
-New over step 02:
-  * `torchrun` starts the processes and tells each one who it is through environment
-    variables: RANK (unique over all nodes), LOCAL_RANK (which GPU on this node) and
-    WORLD_SIZE. The script no longer spawns anything or picks a port.
-  * A snapshot holds the model, the optimizer and the number of epochs run. It is
-    written atomically (temporary file + rename) and, if present at start, training
-    resumes from it. Loading uses `weights_only=True` (no arbitrary code from a file).
-  * With `torchrun --max-restarts N`, a crashed process makes torchrun restart all of
-    them; they resume from the last snapshot (fault tolerance).
-  * The same script runs across nodes: `torchrun --nnodes 2 --rdzv-backend c10d ...`.
+New over step 02: `torchrun` starts the processes (on one node or many) and tells each who it is
+(RANK, LOCAL_RANK, WORLD_SIZE); a snapshot (model, optimizer, epochs run) is saved atomically and
+sent from rank 0 to every rank at start, so all resume from it; `--max-restarts` restarts the
+processes after a failure, and they resume from the last snapshot (fault tolerance).
 
     torchrun --standalone --nproc-per-node 2 03_multigpu_torchrun.py
-    torchrun --standalone --nproc-per-node gpu --max-restarts 3 03_multigpu_torchrun.py --max_epochs 50
+    torchrun --standalone --nproc-per-node 2 --max-restarts 3 03_multigpu_torchrun.py --max_epochs 50
 """
 import argparse
 import json
 import os
-import socket
 import sys
 import time
+from contextlib import contextmanager
 from datetime import timedelta
 
 import torch
@@ -29,11 +23,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, Dataset
 from torch.utils.data.distributed import DistributedSampler
 
-# Which communication library a device type uses: NCCL between NVIDIA GPUs
-# (XCCL between Intel GPUs); Gloo between CPU processes.
+# The communication library between processes: NCCL for NVIDIA GPUs, XCCL for Intel GPUs, else Gloo (CPU).
 BACKENDS = {"cuda": "nccl", "xpu": "xccl"}
-# How long a collective may wait for its peers: a dead peer becomes an error, not a hang.
-TIMEOUT = timedelta(minutes=2)
 
 
 class RegressionDataset(Dataset):
@@ -56,103 +47,52 @@ class RegressionDataset(Dataset):
         return self.inputs[index], self.targets[index]
 
 
-def pick_device(local_rank: int):
-    """Process `local_rank` gets this node's GPU number `local_rank` and NCCL; without GPUs every process
-    uses the CPU and Gloo."""
+def pick_device(gpu_index: int, processes_per_node: int):
+    """GPU number `gpu_index` and NCCL if this node has a GPU for every process; else all use the CPU and Gloo."""
     accelerator = torch.accelerator.current_accelerator(check_available=True)
-    if accelerator is not None and accelerator.type in BACKENDS:
-        gpus = torch.accelerator.device_count()
-        if local_rank >= gpus:
-            raise SystemExit(f"error: LOCAL_RANK {local_rank} has no GPU: this node has {gpus}; "
-                             f"start at most {gpus} processes per node (--nproc-per-node {gpus})")
-        return torch.device(accelerator.type, local_rank), BACKENDS[accelerator.type]
-    return torch.device("cpu"), "gloo"
+    if accelerator is None or accelerator.type not in BACKENDS or torch.accelerator.device_count() < processes_per_node:
+        return torch.device("cpu"), "gloo"
+    return torch.device(accelerator.type, gpu_index), BACKENDS[accelerator.type]
 
 
-def ddp_setup(device: torch.device, backend: str):
-    """torchrun has set RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT for us."""
-    if device.type == "cpu":
-        # N processes sharing the CPU must not each start one thread per core. torchrun sets
-        # OMP_NUM_THREADS=1 when it starts several; an OMP_NUM_THREADS you set yourself wins.
-        if "OMP_NUM_THREADS" not in os.environ:
-            torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["LOCAL_WORLD_SIZE"])))
-    else:
-        torch.accelerator.set_device_index(device.index)
-    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    dist.init_process_group(backend, store=attempt_store(rank), rank=rank, world_size=world_size, timeout=TIMEOUT)
-
-
-def attempt_store(rank: int):
-    """The key-value store where the processes exchange addresses, with keys kept apart per torchrun attempt.
-
-    torchrun hosts one store for the whole job and keeps it when it restarts the processes,
-    and init_process_group writes the same keys on every attempt. Restarted processes could
-    then read the address a dead predecessor left there and try to connect to it (seen as
-    "Connection refused" or a hang after a restart). A prefix naming the attempt
-    (TORCHELASTIC_RESTART_COUNT) gives every attempt keys of its own.
-    """
-    agent_hosts_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"  # else rank 0 hosts it
-    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
-                          is_master=rank == 0 and not agent_hosts_store, timeout=TIMEOUT)
-    return dist.PrefixStore(f"attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
-
-
-def save_atomically(obj, path: str):
-    """Write to a temporary file, flush it to disk, then rename over `path`.
-
-    A rename is atomic: whoever reads `path` sees the old file or the new one, never half of
-    one, even if this process dies mid-write. The temporary name is unique per host and
-    process, so nodes that share a file system never write into each other's file.
-    """
-    tmp_path = f"{path}.tmp.{socket.gethostname()}.{os.getpid()}"
-    with open(tmp_path, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp_path, path)
-
-
-def maybe_crash(epoch: int, rank: int):
-    """Fault-tolerance demo: DDP_STEPS_CRASH_AT_EPOCH=E makes one rank (DDP_STEPS_CRASH_RANK, default the
-    last) fail at the start of epoch E, on torchrun's first attempt only, so a restart can resume."""
-    crash_epoch = os.environ.get("DDP_STEPS_CRASH_AT_EPOCH")
-    crash_rank = int(os.environ.get("DDP_STEPS_CRASH_RANK", dist.get_world_size() - 1))
-    first_attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
-    if crash_epoch is not None and int(crash_epoch) == epoch and rank == crash_rank and first_attempt:
-        raise RuntimeError(f"simulated crash of rank {rank} at epoch {epoch} (DDP_STEPS_CRASH_AT_EPOCH)")
+def ddp_setup(device: torch.device, backend: str, timeout: timedelta):
+    if device.type != "cpu":
+        torch.accelerator.set_device_index(device.index)  # each process drives its own GPU
+    # RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT: set by torchrun. timeout: a dead peer is an error, not a hang.
+    store, rank, world_size = store_for_this_attempt(timeout)  # torchrun's store; why not plain env://: see the end
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=timeout)
 
 
 class Trainer:
-    def __init__(self, model, train_data, optimizer, device, save_every, snapshot_path, log_file):
-        self.rank = int(os.environ["RANK"])  # unique over all nodes
-        self.local_rank = int(os.environ["LOCAL_RANK"])  # unique on this node
+    def __init__(self, model, train_data, optimizer, rank, device, save_every, snapshot_path, log_file):
+        self.rank = rank
         self.device = device
-        self.tag = f"[{device.type}:{self.rank}]"  # every line says which process it comes from
-        self.model = model.to(device)
+        self.tag = f"[{device.type}:{rank}]"  # every line says which process it comes from
+        # DDP keeps the copies in step: it averages gradients across processes during backward().
+        self.model = DDP(model.to(device), device_ids=None if device.type == "cpu" else [device.index])
         self.train_data = train_data
         self.optimizer = optimizer
         self.save_every = save_every
         self.snapshot_path = snapshot_path
         self.log_file = log_file
         self.epochs_run = 0
-        if os.path.exists(snapshot_path):
-            self._load_snapshot(snapshot_path)
-        # DDP keeps the copies in step: it averages gradients across processes during backward().
-        self.model = DDP(self.model, device_ids=None if device.type == "cpu" else [device.index])
+        self._load_snapshot()
 
-    def _load_snapshot(self, snapshot_path):
-        try:
-            # weights_only=True: a snapshot holds tensors and numbers, never code to run.
-            # map_location: put the tensors on this process's device, whichever saved them.
-            snapshot = torch.load(snapshot_path, map_location=self.device, weights_only=True)
-            self.model.load_state_dict(snapshot["model"])
-            self.optimizer.load_state_dict(snapshot["optimizer"])
-            self.epochs_run = snapshot["epochs_run"]
-        except Exception as e:  # any failure here means this file can't be resumed from
-            reason = str(e).split(". ")[0].strip() or type(e).__name__  # its first sentence is enough
-            raise SystemExit(f"{self.tag} error: cannot resume from snapshot {snapshot_path}: it is corrupt, "
-                             f"truncated or from another model ({reason}); delete it to start afresh") from None
-        print(f"{self.tag} Resuming training from snapshot {snapshot_path} at Epoch {self.epochs_run}")
+    def _load_snapshot(self):
+        # Only rank 0 saves, so only rank 0 reads (weights_only: tensors and numbers, never code to run).
+        # It sends what it read to every rank: all resume from the same point, whatever other nodes' disks hold.
+        snapshot = [None]
+        if self.rank == 0 and os.path.exists(self.snapshot_path):
+            with exit_on_error(f"cannot resume from snapshot {self.snapshot_path}: it is corrupt or truncated"):
+                snapshot = [torch.load(self.snapshot_path, map_location="cpu", weights_only=True)]
+        dist.broadcast_object_list(snapshot, src=0)
+        if snapshot[0] is None:
+            return  # nothing to resume from: start afresh
+        with exit_on_error(f"cannot resume from snapshot {self.snapshot_path}: it is from another model"):
+            self.model.module.load_state_dict(snapshot[0]["model"])
+            self.optimizer.load_state_dict(snapshot[0]["optimizer"])
+        self.epochs_run = snapshot[0]["epochs_run"]
+        print(f"{self.tag} Resuming training from snapshot {self.snapshot_path} at Epoch {self.epochs_run}")
 
     def _run_batch(self, source, targets):
         self.optimizer.zero_grad()
@@ -163,12 +103,12 @@ class Trainer:
         return loss.detach()
 
     def _run_epoch(self, epoch):
-        maybe_crash(epoch, self.rank)
         batch_size = self.train_data.batch_size
         self.train_data.sampler.set_epoch(epoch)  # without it, every epoch would see the same split and order
         total_loss = torch.zeros((), device=self.device)
         for source, targets in self.train_data:
-            source, targets = source.to(self.device), targets.to(self.device)
+            # non_blocking: from pinned memory, the copy to a GPU overlaps with work already queued
+            source, targets = source.to(self.device, non_blocking=True), targets.to(self.device, non_blocking=True)
             total_loss += self._run_batch(source, targets)
         steps = len(self.train_data)
         loss = total_loss.item() / steps  # one device->host copy per epoch, not per batch
@@ -177,18 +117,16 @@ class Trainer:
                 "world_size": dist.get_world_size()}
 
     def _save_snapshot(self, epoch):
-        snapshot = {
-            "model": self.model.module.state_dict(),  # .module: the model inside the DDP wrapper
-            "optimizer": self.optimizer.state_dict(),  # momentum buffers: needed to resume exactly
-            "epochs_run": epoch + 1,
-        }
-        save_atomically(snapshot, self.snapshot_path)
+        snapshot = {"model": self.model.module.state_dict(),  # .module: the model inside the DDP wrapper
+                    "optimizer": self.optimizer.state_dict(),  # momentum buffers: needed to resume exactly
+                    "epochs_run": epoch + 1}
+        # Write to a temporary file, then rename: a crash mid-write never leaves a half file behind.
+        tmp_path = f"{self.snapshot_path}.tmp.{os.getpid()}"
+        torch.save(snapshot, tmp_path)
+        os.replace(tmp_path, self.snapshot_path)
         print(f"{self.tag} Epoch {epoch} | Training snapshot saved at {self.snapshot_path}")
 
     def train(self, max_epochs: int):
-        if self.epochs_run >= max_epochs and self.rank == 0:
-            print(f"{self.tag} Nothing to train: the snapshot has {self.epochs_run} epochs, --max_epochs is "
-                  f"{max_epochs}")
         for epoch in range(self.epochs_run, max_epochs):
             start = time.perf_counter()
             record = self._run_epoch(epoch)
@@ -196,9 +134,8 @@ class Trainer:
             if self.rank == 0 and self.log_file:
                 with open(self.log_file, "a") as f:
                     f.write(json.dumps(record) + "\n")
-            # All copies are identical, so one process per node saving is enough; each node then has
-            # a snapshot on its own disk to resume from, even without a shared file system.
-            if self.local_rank == 0 and ((epoch + 1) % self.save_every == 0 or epoch + 1 == max_epochs):
+            # All copies are identical, so one process saving is enough.
+            if self.rank == 0 and ((epoch + 1) % self.save_every == 0 or epoch + 1 == max_epochs):
                 self._save_snapshot(epoch)
         if self.rank == 0:
             print(f"{self.tag} Finished training: {max_epochs} epochs")
@@ -212,40 +149,33 @@ def load_train_objs(args):
     return train_set, model, optimizer
 
 
-def prepare_dataloader(dataset: Dataset, batch_size: int, seed: int):
-    # pinned host memory speeds up copies to a GPU; it means nothing without one.
-    # DistributedSampler gives each process a disjoint 1/world_size of the samples (it shuffles,
-    # so the DataLoader must not). If the data set does not divide evenly, it repeats a few
-    # samples so that every process gets the same number of batches.
-    return DataLoader(dataset, batch_size=batch_size, shuffle=False, pin_memory=torch.cuda.is_available(),
+def prepare_dataloader(dataset: Dataset, batch_size: int, device: torch.device, seed: int):
+    # pinned (page-locked) host memory speeds up copies to a CUDA GPU; it means nothing for the CPU
+    # DistributedSampler gives each process its own 1/world_size of the samples, shuffled (so the DataLoader
+    # must not shuffle); where they do not divide evenly it repeats a few, so all get the same number of batches.
+    return DataLoader(dataset, batch_size=batch_size, shuffle=False, pin_memory=device.type == "cuda",
                       sampler=DistributedSampler(dataset, seed=seed))
 
 
 def main(args):
     # One write per printed line, so lines from several processes never mix mid-line.
     sys.stdout.reconfigure(line_buffering=True, write_through=False)
-    device, backend = pick_device(int(os.environ["LOCAL_RANK"]))
-    ddp_setup(device, backend)
+    device, backend = pick_device(int(os.environ["LOCAL_RANK"]), int(os.environ["LOCAL_WORLD_SIZE"]))
+    ddp_setup(device, backend, timedelta(minutes=args.timeout_min))
     rank, world_size = dist.get_rank(), dist.get_world_size()
-    torch.manual_seed(args.seed)  # same initial weights on every run (DDP also copies rank 0's to all)
-    if rank == 0:
-        print(f"[{device.type}:{rank}] device {device.type} | backend {backend} | world_size {world_size} | "
-              f"threads per process {torch.get_num_threads()}")
+    torch.manual_seed(args.seed)  # same initial weights and data order on every run
+    print(f"[{device.type}:{rank}] device {device.type} | backend {backend} | world_size {world_size} | "
+          f"GPUs here {torch.accelerator.device_count()}")
     dataset, model, optimizer = load_train_objs(args)
-    train_data = prepare_dataloader(dataset, args.batch_size, args.seed)
-    trainer = Trainer(model, train_data, optimizer, device, args.save_every, args.snapshot_path, args.log_file)
+    train_data = prepare_dataloader(dataset, args.batch_size, device, args.seed)
+    trainer = Trainer(model, train_data, optimizer, rank, device, args.save_every, args.snapshot_path,
+                      args.log_file)
     trainer.train(args.max_epochs)
-    # Wait for every rank before tearing down. While a rank waits here, Gloo's threads finish with its
-    # last collective; a thread still holding one of our tensors when Python shuts down aborts the
-    # process ("terminate called without an active exception", a PyTorch bug: pytorch/pytorch#179291).
-    dist.barrier()
     dist.destroy_process_group()
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(
-        description="Step 03: train the toy model with DDP under torchrun, with snapshots and resume.",
-        epilog="Start it with torchrun, e.g.: torchrun --standalone --nproc-per-node 2 03_multigpu_torchrun.py")
+    parser = argparse.ArgumentParser(description="Step 03: DDP under torchrun, with snapshots and resume.")
     parser.add_argument("--max_epochs", type=int, default=10, help="epochs to train (default: 10)")
     parser.add_argument("--batch_size", type=int, default=32, help="samples per batch (default: 32)")
     parser.add_argument("--save_every", type=int, default=5, help="save a snapshot every N epochs (default: 5)")
@@ -255,11 +185,36 @@ def parse_args(argv=None):
     parser.add_argument("--snapshot_path", default="snapshot.pt",
                         help="snapshot to save, and to resume from if it exists (default: snapshot.pt)")
     parser.add_argument("--log_file", default=None, help="append one JSON line per epoch here (for plots)")
-    args = parser.parse_args(argv)
+    parser.add_argument("--timeout_min", type=float, default=10,
+                        help="minutes to wait for other ranks (rank 0 saving, say) before failing (default: 10)")
+    return check_args(parser, parser.parse_args(argv))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Guards and conveniences: clear one-line errors for bad input. Not the lesson; read them last.
+# ----------------------------------------------------------------------------------------------------------
+def check_args(parser, args):
     for name in ("max_epochs", "batch_size", "save_every", "dataset_size"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be at least 1")
     return args
+
+
+def store_for_this_attempt(timeout: timedelta):
+    """The store init_process_group would use (env://), with keys of this torchrun attempt's own: torch 2.13's
+    torchrun keeps one store across restarts, so restarted processes could read addresses the dead ones left
+    there ("Connection refused" after a restart; pytorch/pytorch#135712)."""
+    store, rank, world_size = next(dist.rendezvous("env://", timeout=timeout))
+    return dist.PrefixStore(f"attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store), rank, world_size
+
+
+@contextmanager
+def exit_on_error(message: str):
+    """Turn any exception inside into one line, `error: message (first sentence of the exception)`, and exit 1."""
+    try:
+        yield
+    except Exception as e:
+        raise SystemExit(f"error: {message} ({str(e).split('. ')[0].strip() or type(e).__name__})") from None
 
 
 if __name__ == "__main__":

@@ -12,9 +12,14 @@ STEP03 = "03_multigpu_torchrun.py"
 SMALL = ["--dataset_size", "256", "--batch_size", "16", "--save_every", "1"]
 
 
-def train(tmp_path, snapshot, max_epochs, nproc=2, env=None, extra=()):
-    cmd = torchrun(nproc, STEP03, *SMALL, "--max_epochs", max_epochs, "--snapshot_path", snapshot, extra=extra)
-    return run(cmd, cwd=tmp_path, env=env)
+FAULTS = "tools/faults.py"  # injects the crash from outside: the lesson has no demo hooks
+
+
+def train(tmp_path, snapshot, max_epochs, nproc=2, env=None, extra=(), fault=(), check=True, standalone=True):
+    script = [FAULTS, *fault, STEP03] if fault else [STEP03]
+    cmd = torchrun(nproc, *script, *SMALL, "--max_epochs", max_epochs, "--snapshot_path", snapshot, extra=extra,
+                   standalone=standalone)
+    return run(cmd, cwd=tmp_path, env=env, check=check)
 
 
 def load(path):
@@ -50,10 +55,17 @@ def test_stopped_and_resumed_run_is_bit_identical(tmp_path, uninterrupted):
     assert_identical(load(snapshot), uninterrupted)
 
 
-def test_crashed_rank_is_restarted_and_resumes(tmp_path, uninterrupted):
+@pytest.mark.parametrize("rendezvous", ["standalone", "c10d"])
+def test_crashed_rank_is_restarted_and_resumes(tmp_path, uninterrupted, rendezvous):
+    """torchrun restarts both processes; they rendezvous again and resume. The script builds no store of its
+    own: on torch 2.13 torchrun's agent makes a fresh store for every attempt (torch/distributed/rendezvous.py,
+    _create_c10d_store: "We create a new TCPStore for every retry"), with --standalone and with a c10d endpoint."""
     snapshot = tmp_path / "snapshot.pt"
-    env = cpu_env(DDP_STEPS_CRASH_AT_EPOCH=2, DDP_STEPS_CRASH_RANK=1)
-    proc = train(tmp_path, snapshot, 4, env=env, extra=["--max-restarts", "1"])
+    extra = ["--max-restarts", "1"]
+    if rendezvous == "c10d":
+        extra += ["--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{free_port()}", "--nnodes", "1"]
+    proc = train(tmp_path, snapshot, 4, extra=extra, fault=["--crash-at-epoch", 2, "--rank", 1],
+                 standalone=rendezvous == "standalone")
     output = proc.stdout + proc.stderr
     assert "simulated crash of rank 1 at epoch 2" in output
     assert f"Resuming training from snapshot {snapshot} at Epoch 2" in proc.stdout
@@ -62,9 +74,8 @@ def test_crashed_rank_is_restarted_and_resumes(tmp_path, uninterrupted):
 
 
 def test_crash_without_restarts_fails_loudly(tmp_path):
-    env = cpu_env(DDP_STEPS_CRASH_AT_EPOCH=1)
-    cmd = torchrun(2, STEP03, *SMALL, "--max_epochs", 3, extra=["--max-restarts", "0"])
-    proc = run(cmd, cwd=tmp_path, env=env, check=False)
+    proc = train(tmp_path, "snapshot.pt", 3, extra=["--max-restarts", "0"], fault=["--crash-at-epoch", 1],
+                 check=False)
     assert proc.returncode != 0
     assert "simulated crash" in proc.stdout + proc.stderr
     assert load(tmp_path / "snapshot.pt")["epochs_run"] == 1  # what was saved before the crash survives
@@ -89,7 +100,7 @@ def test_crash_while_writing_keeps_previous_snapshot(tmp_path):
     before = load(snapshot)
     env = cpu_env(RANK=0, LOCAL_RANK=0, WORLD_SIZE=1, LOCAL_WORLD_SIZE=1,
                   MASTER_ADDR="127.0.0.1", MASTER_PORT=free_port())
-    proc = run([sys.executable, REPO / "tests/workers/die_while_saving.py", *SMALL, "--max_epochs", 3,
+    proc = run([sys.executable, REPO / FAULTS, "--die-while-saving", STEP03, *SMALL, "--max_epochs", 3,
                 "--snapshot_path", snapshot], cwd=tmp_path, env=env, check=False)
     assert proc.returncode == 17, proc.stderr[-2000:]  # it really died inside the save
     assert any(name.startswith("snapshot.pt.tmp.") for name in os.listdir(tmp_path))  # the half-written file
@@ -98,24 +109,29 @@ def test_crash_while_writing_keeps_previous_snapshot(tmp_path):
     assert f"Resuming training from snapshot {snapshot} at Epoch 1" in proc.stdout
 
 
-def test_two_nodes_on_one_machine(tmp_path):
-    """Two torchrun 'nodes' (one process each) meet through c10d rendezvous on 127.0.0.1: world size 2."""
+def test_two_nodes_resume_from_rank_0s_snapshot(tmp_path, uninterrupted):
+    """Two torchrun 'nodes' (one process each, own folder as own disk) meet through c10d rendezvous on 127.0.0.1.
+    Their disks hold different snapshots (epoch 2 and epoch 1): both ranks resume from rank 0's, and the run ends
+    bit-identical to the uninterrupted one. Only global rank 0 saves."""
+    nodes = [tmp_path / "node0", tmp_path / "node1"]
+    for node, epochs in zip(nodes, (2, 1)):
+        node.mkdir()
+        train(node, "snapshot.pt", epochs)
     port, job = free_port(), f"test-{os.getpid()}"
     procs = []
-    for node_rank in (0, 1):
-        cmd = torchrun(1, STEP03, *SMALL, "--max_epochs", 2, "--snapshot_path", f"node{node_rank}.pt",
-                       standalone=False,
+    for node_rank, node in enumerate(nodes):
+        cmd = torchrun(1, STEP03, *SMALL, "--max_epochs", 4, "--snapshot_path", "snapshot.pt", standalone=False,
                        extra=["--nnodes", "2", "--node-rank", node_rank, "--rdzv-backend", "c10d",
                               "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", job,
                               "--local-addr", "127.0.0.1"])
-        procs.append(subprocess.Popen([str(c) for c in cmd], cwd=tmp_path, env=cpu_env(), text=True,
+        procs.append(subprocess.Popen([str(c) for c in cmd], cwd=node, env=cpu_env(), text=True,
                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL))
     outputs = [p.communicate(timeout=180)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outputs
     everything = "".join(outputs)
     assert "world_size 2" in everything
-    assert "[cpu:0] Epoch 1 |" in everything and "[cpu:1] Epoch 1 |" in everything
-    assert "Finished training: 2 epochs" in everything
-    # each node's local rank 0 saved its own snapshot, and they are the same model
-    assert_identical(load(tmp_path / "node0.pt"), load(tmp_path / "node1.pt"))
-
+    for rank in (0, 1):
+        assert f"[cpu:{rank}] Resuming training from snapshot snapshot.pt at Epoch 2" in everything
+        assert f"[cpu:{rank}] Epoch 3 |" in everything and f"[cpu:{rank}] Epoch 1 |" not in everything
+    assert_identical(load(nodes[0] / "snapshot.pt"), uninterrupted)
+    assert load(nodes[1] / "snapshot.pt")["epochs_run"] == 1  # rank 1 never saves: its old file is untouched
