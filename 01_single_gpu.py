@@ -17,11 +17,7 @@ from torch.utils.data import DataLoader, Dataset
 
 
 class RegressionDataset(Dataset):
-    """Synthetic data made in the script: y = w·x + small noise, so the loss can really fall.
-
-    The data has its own fixed seed, independent of the training seed: every run
-    and every process builds exactly the same samples.
-    """
+    """y = w·x + small noise, made here from a fixed seed of its own: every run and process gets the same samples."""
 
     def __init__(self, size: int, in_features: int = 20, noise: float = 0.05):
         g = torch.Generator().manual_seed(1234)
@@ -73,7 +69,8 @@ class Trainer:
         steps = len(self.train_data)
         loss = total_loss.item() / steps  # one device->host copy per epoch, not per batch
         print(f"{self.tag} Epoch {epoch} | Batchsize {batch_size} | Steps {steps} | loss {loss:.4f}")
-        return {"epoch": epoch, "batch_size": batch_size, "steps": steps, "loss": loss, "world_size": 1}
+        return {"epoch": epoch, "batch_size": batch_size, "steps": steps, "loss": loss,
+                "world_size": 1}
 
     def _save_checkpoint(self, epoch):
         # Write to a temporary file, then rename: a crash mid-write never leaves a half file behind.
@@ -132,9 +129,7 @@ def parse_args(argv=None):
     return check_args(parser, parser.parse_args(argv))
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Guards and conveniences: clear one-line errors for bad input. Not the lesson; read them last.
-# ----------------------------------------------------------------------------------------------------------
+# ---- Guards and conveniences: clear one-line errors for bad input. Not the lesson; read them last. ----------
 def check_args(parser, args):
     for name in ("max_epochs", "batch_size", "save_every", "dataset_size"):
         if getattr(args, name) < 1:

@@ -25,11 +25,7 @@ BACKENDS = {"cuda": "nccl", "xpu": "xccl"}
 
 
 class RegressionDataset(Dataset):
-    """Synthetic data made in the script: y = w·x + small noise, so the loss can really fall.
-
-    The data has its own fixed seed, independent of the training seed: every run
-    and every process builds exactly the same samples.
-    """
+    """y = w·x + small noise, made here from a fixed seed of its own: every run and process gets the same samples."""
 
     def __init__(self, size: int, in_features: int = 20, noise: float = 0.05):
         g = torch.Generator().manual_seed(1234)
@@ -47,7 +43,8 @@ class RegressionDataset(Dataset):
 def pick_device(gpu_index: int, processes_per_node: int):
     """GPU number `gpu_index` and NCCL if this node has a GPU for every process; else all use the CPU and Gloo."""
     accelerator = torch.accelerator.current_accelerator(check_available=True)
-    if accelerator is None or accelerator.type not in BACKENDS or torch.accelerator.device_count() < processes_per_node:
+    gpus = torch.accelerator.device_count() if accelerator is not None and accelerator.type in BACKENDS else 0
+    if gpus < processes_per_node:
         return torch.device("cpu"), "gloo"
     return torch.device(accelerator.type, gpu_index), BACKENDS[accelerator.type]
 
@@ -125,8 +122,7 @@ def load_train_objs(args):
 
 def prepare_dataloader(dataset: Dataset, batch_size: int, device: torch.device, seed: int):
     # pinned (page-locked) host memory speeds up copies to a CUDA GPU; it means nothing for the CPU
-    # DistributedSampler gives each process its own 1/world_size of the samples, shuffled (so the DataLoader
-    # must not shuffle); where they do not divide evenly it repeats a few, so all get the same number of batches.
+    # DistributedSampler: each process gets its own shuffled 1/world_size of the samples; the DataLoader mustn't shuffle
     return DataLoader(dataset, batch_size=batch_size, shuffle=False, pin_memory=device.type == "cuda",
                       sampler=DistributedSampler(dataset, seed=seed))
 
@@ -162,9 +158,7 @@ def parse_args(argv=None):
     return check_args(parser, parser.parse_args(argv))
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Guards and conveniences: clear one-line errors for bad input. Not the lesson; read them last.
-# ----------------------------------------------------------------------------------------------------------
+# ---- Guards and conveniences: clear one-line errors for bad input. Not the lesson; read them last. ----------
 def check_args(parser, args):
     for name in ("max_epochs", "batch_size", "save_every", "dataset_size", "world_size"):
         if getattr(args, name) < 1:

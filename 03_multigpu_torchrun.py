@@ -1,9 +1,8 @@
 """Step 03: launch with torchrun; save snapshots and resume from them.
 
-New over step 02: `torchrun` starts the processes (on one node or many) and tells each who it is
-(RANK, LOCAL_RANK, WORLD_SIZE); a snapshot (model, optimizer, epochs run) is saved atomically and
-sent from rank 0 to every rank at start, so all resume from it; `--max-restarts` restarts the
-processes after a failure, and they resume from the last snapshot (fault tolerance).
+New over step 02: `torchrun` starts the processes, on one node or many, and sets RANK, LOCAL_RANK, WORLD_SIZE;
+a snapshot (model, optimizer, epochs run), saved atomically, is sent from rank 0 to every rank at start, so
+all resume from it; with `--max-restarts`, processes restarted after a failure resume from the last snapshot.
 
     torchrun --standalone --nproc-per-node 2 03_multigpu_torchrun.py
     torchrun --standalone --nproc-per-node 2 --max-restarts 3 03_multigpu_torchrun.py --max_epochs 50
@@ -13,7 +12,6 @@ import json
 import os
 import sys
 import time
-from contextlib import contextmanager
 from datetime import timedelta
 
 import torch
@@ -28,11 +26,7 @@ BACKENDS = {"cuda": "nccl", "xpu": "xccl"}
 
 
 class RegressionDataset(Dataset):
-    """Synthetic data made in the script: y = w·x + small noise, so the loss can really fall.
-
-    The data has its own fixed seed, independent of the training seed: every run
-    and every process builds exactly the same samples.
-    """
+    """y = w·x + small noise, made here from a fixed seed of its own: every run and process gets the same samples."""
 
     def __init__(self, size: int, in_features: int = 20, noise: float = 0.05):
         g = torch.Generator().manual_seed(1234)
@@ -50,7 +44,8 @@ class RegressionDataset(Dataset):
 def pick_device(gpu_index: int, processes_per_node: int):
     """GPU number `gpu_index` and NCCL if this node has a GPU for every process; else all use the CPU and Gloo."""
     accelerator = torch.accelerator.current_accelerator(check_available=True)
-    if accelerator is None or accelerator.type not in BACKENDS or torch.accelerator.device_count() < processes_per_node:
+    gpus = torch.accelerator.device_count() if accelerator is not None and accelerator.type in BACKENDS else 0
+    if gpus < processes_per_node:
         return torch.device("cpu"), "gloo"
     return torch.device(accelerator.type, gpu_index), BACKENDS[accelerator.type]
 
@@ -58,8 +53,8 @@ def pick_device(gpu_index: int, processes_per_node: int):
 def ddp_setup(device: torch.device, backend: str, timeout: timedelta):
     if device.type != "cpu":
         torch.accelerator.set_device_index(device.index)  # each process drives its own GPU
-    # RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT: set by torchrun. timeout: a dead peer is an error, not a hang.
-    store, rank, world_size = store_for_this_attempt(timeout)  # torchrun's store; why not plain env://: see the end
+    # torchrun set RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT; why not plain env:// here: see the file's end
+    store, rank, world_size = store_for_this_attempt(timeout)
     dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=timeout)
 
 
@@ -79,18 +74,15 @@ class Trainer:
         self._load_snapshot()
 
     def _load_snapshot(self):
-        # Only rank 0 saves, so only rank 0 reads (weights_only: tensors and numbers, never code to run).
-        # It sends what it read to every rank: all resume from the same point, whatever other nodes' disks hold.
-        snapshot = [None]
-        if self.rank == 0 and os.path.exists(self.snapshot_path):
-            with exit_on_error(f"cannot resume from snapshot {self.snapshot_path}: it is corrupt or truncated"):
-                snapshot = [torch.load(self.snapshot_path, map_location="cpu", weights_only=True)]
+        # Only rank 0 saves, so only rank 0 reads (with weights_only=True: see read_snapshot). It sends what it
+        # read to every rank: all resume from the same point, whatever the other nodes' disks hold.
+        has_one = self.rank == 0 and os.path.exists(self.snapshot_path)
+        snapshot = [read_snapshot(self.snapshot_path) if has_one else None]
         dist.broadcast_object_list(snapshot, src=0)
         if snapshot[0] is None:
             return  # nothing to resume from: start afresh
-        with exit_on_error(f"cannot resume from snapshot {self.snapshot_path}: it is from another model"):
-            self.model.module.load_state_dict(snapshot[0]["model"])
-            self.optimizer.load_state_dict(snapshot[0]["optimizer"])
+        self.model.module.load_state_dict(snapshot[0]["model"])
+        self.optimizer.load_state_dict(snapshot[0]["optimizer"])
         self.epochs_run = snapshot[0]["epochs_run"]
         print(f"{self.tag} Resuming training from snapshot {self.snapshot_path} at Epoch {self.epochs_run}")
 
@@ -151,8 +143,7 @@ def load_train_objs(args):
 
 def prepare_dataloader(dataset: Dataset, batch_size: int, device: torch.device, seed: int):
     # pinned (page-locked) host memory speeds up copies to a CUDA GPU; it means nothing for the CPU
-    # DistributedSampler gives each process its own 1/world_size of the samples, shuffled (so the DataLoader
-    # must not shuffle); where they do not divide evenly it repeats a few, so all get the same number of batches.
+    # DistributedSampler: each process gets its own shuffled 1/world_size of the samples; the DataLoader mustn't shuffle
     return DataLoader(dataset, batch_size=batch_size, shuffle=False, pin_memory=device.type == "cuda",
                       sampler=DistributedSampler(dataset, seed=seed))
 
@@ -182,17 +173,13 @@ def parse_args(argv=None):
     parser.add_argument("--lr", type=float, default=0.01, help="SGD learning rate (default: 0.01)")
     parser.add_argument("--seed", type=int, default=0, help="seed for the initial weights and data order")
     parser.add_argument("--dataset_size", type=int, default=4096, help="samples in the data set (default: 4096)")
-    parser.add_argument("--snapshot_path", default="snapshot.pt",
-                        help="snapshot to save, and to resume from if it exists (default: snapshot.pt)")
+    parser.add_argument("--snapshot_path", default="snapshot.pt", help="saved here; resumed from if it exists")
     parser.add_argument("--log_file", default=None, help="append one JSON line per epoch here (for plots)")
-    parser.add_argument("--timeout_min", type=float, default=10,
-                        help="minutes to wait for other ranks (rank 0 saving, say) before failing (default: 10)")
+    parser.add_argument("--timeout_min", type=float, default=10, help="minutes to wait for a slow or dead rank")
     return check_args(parser, parser.parse_args(argv))
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Guards and conveniences: clear one-line errors for bad input. Not the lesson; read them last.
-# ----------------------------------------------------------------------------------------------------------
+# ---- Guards and conveniences: clear one-line errors for bad input. Not the lesson; read them last. ----------
 def check_args(parser, args):
     for name in ("max_epochs", "batch_size", "save_every", "dataset_size"):
         if getattr(args, name) < 1:
@@ -201,25 +188,23 @@ def check_args(parser, args):
 
 
 def store_for_this_attempt(timeout: timedelta):
-    """The store init_process_group would use (env://), with keys of this torchrun attempt's own: torch 2.13's
-    torchrun keeps one store across restarts, so restarted processes could read addresses the dead ones left
-    there ("Connection refused" after a restart; pytorch/pytorch#135712)."""
+    # env://'s store, with keys of this attempt's own: torchrun keeps one store across restarts, where restarted
+    # processes could read addresses the dead ones left ("Connection refused"; pytorch/pytorch#135712).
     store, rank, world_size = next(dist.rendezvous("env://", timeout=timeout))
     return dist.PrefixStore(f"attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store), rank, world_size
 
 
-@contextmanager
-def exit_on_error(message: str):
-    """Turn any exception inside into one line, `error: message (first sentence of the exception)`, and exit 1."""
+def read_snapshot(path: str):
+    """torch.load with weights_only=True (tensors and numbers, never code to run); a damaged file: one line."""
     try:
-        yield
+        return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise SystemExit(f"error: {message} ({str(e).split('. ')[0].strip() or type(e).__name__})") from None
+        raise SystemExit(f"error: cannot resume from snapshot {path}: it is corrupt or truncated "
+                         f"({str(e).split('. ')[0].strip()}); delete it to start afresh") from None
 
 
 if __name__ == "__main__":
     args = parse_args()
     if "LOCAL_RANK" not in os.environ:
-        raise SystemExit("error: start this script with torchrun, e.g. "
-                         "torchrun --standalone --nproc-per-node 2 03_multigpu_torchrun.py")
+        raise SystemExit("error: use torchrun: torchrun --standalone --nproc-per-node 2 03_multigpu_torchrun.py")
     main(args)

@@ -1,29 +1,16 @@
-"""Step 05: DDP on a CPU cluster, with a validation set.
+"""Step 05: DDP on a CPU cluster, with a validation set. It extends step 03 (step 04 looked inside DDP).
 
-Step 03 on CPUs: no GPU needed, only cores. Gloo carries the gradients between processes;
-every process is a full copy of the model that uses a few cores.
-
-New over step 03:
-  * CPU processes: backend Gloo, and DDP without `device_ids` (they name GPUs). `--cpu`
-    makes a machine with GPUs train on its CPU too.
-  * Threads: each process runs OMP_NUM_THREADS threads (torchrun sets 1 when it starts several),
-    else cores / processes. More processes x threads than cores is oversubscribed: it still
-    trains correctly, only slower, and the script says so.
-  * A train/validation split made from a fixed seed, so it is the same on every rank (checked).
-  * Validation loss over the whole validation set: each rank scores its own share, then one
-    `all_reduce` adds up (sum of squared errors, number of samples). Not a DistributedSampler,
-    which would pad the set with repeated samples when it does not divide by the world size.
-  * Rank 0 prints `train_loss:... val_loss:...` per epoch and keeps the best-validation model
-    in a checkpoint of its own; snapshots and resume work as in step 03.
+New over step 03: CPU processes (Gloo; `--cpu` keeps a GPU machine on its CPU) with threads per process
+(OMP_NUM_THREADS, else usable cores / processes; oversubscribed is correct, only slower); a train/validation
+split from a fixed seed, the same on every rank; the validation loss over the whole validation set (each
+rank scores its share, one all_reduce adds them up); and a best-validation model kept by rank 0.
 
     torchrun --standalone --nproc-per-node 2 05_singlenode_cpu.py
-    torchrun --standalone --nproc-per-node 8 05_singlenode_cpu.py --max_epochs 3   # 8 processes, any cores
-    OMP_NUM_THREADS=2 torchrun --standalone --nproc-per-node 4 05_singlenode_cpu.py
+    OMP_NUM_THREADS=2 torchrun --standalone --nproc-per-node 4 05_singlenode_cpu.py --max_epochs 3
 """
 import argparse
 import json
 import os
-import socket
 import sys
 import time
 from datetime import timedelta
@@ -35,19 +22,14 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, Dataset, Subset
 from torch.utils.data.distributed import DistributedSampler
 
-# Which communication library a device type uses: NCCL between NVIDIA GPUs
-# (XCCL between Intel GPUs); Gloo between CPU processes.
+# The communication library between processes: NCCL for NVIDIA GPUs, XCCL for Intel GPUs, else Gloo (CPU).
 BACKENDS = {"cuda": "nccl", "xpu": "xccl"}
-# How long a collective may wait for its peers: a dead peer becomes an error, not a hang.
-TIMEOUT = timedelta(minutes=2)
+# Cores this process may run on: fewer than the machine has under taskset, Slurm or a container.
+USABLE_CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 class RegressionDataset(Dataset):
-    """Synthetic data made in the script: y = w·x + small noise, so the loss can really fall.
-
-    The data has its own fixed seed, independent of the training seed: every run
-    and every process builds exactly the same samples.
-    """
+    """y = w·x + small noise, made here from a fixed seed of its own: every run and process gets the same samples."""
 
     def __init__(self, size: int, in_features: int = 20, noise: float = 0.05):
         g = torch.Generator().manual_seed(1234)
@@ -62,88 +44,33 @@ class RegressionDataset(Dataset):
         return self.inputs[index], self.targets[index]
 
 
-def pick_device(local_rank: int, cpu: bool):
-    """Process `local_rank` gets this node's GPU number `local_rank` and NCCL; without GPUs (or with --cpu)
-    every process uses the CPU and Gloo."""
+def pick_device(gpu_index: int, processes_per_node: int, cpu: bool = False):
+    """GPU number `gpu_index` and NCCL if this node has a GPU for every process; else all use the CPU and Gloo."""
     accelerator = torch.accelerator.current_accelerator(check_available=True)
-    if not cpu and accelerator is not None and accelerator.type in BACKENDS:
-        gpus = torch.accelerator.device_count()
-        if local_rank >= gpus:
-            raise SystemExit(f"error: LOCAL_RANK {local_rank} has no GPU: this node has {gpus}; "
-                             f"start at most {gpus} processes per node (--nproc-per-node {gpus})")
-        return torch.device(accelerator.type, local_rank), BACKENDS[accelerator.type]
-    return torch.device("cpu"), "gloo"
+    gpus = torch.accelerator.device_count() if accelerator is not None and accelerator.type in BACKENDS else 0
+    if cpu or gpus < processes_per_node:
+        return torch.device("cpu"), "gloo"
+    return torch.device(accelerator.type, gpu_index), BACKENDS[accelerator.type]
 
 
-def usable_cores() -> int:
-    """Cores this process may run on: fewer than the machine has under taskset, Slurm or a container."""
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
-
-
-def ddp_setup(device: torch.device, backend: str):
-    """torchrun has set RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT for us."""
-    if device.type == "cpu":
-        # N processes sharing the CPU must not each start one thread per core. torchrun sets
-        # OMP_NUM_THREADS=1 when it starts several; an OMP_NUM_THREADS you set yourself wins
-        # (PyTorch reads it at start). Else: share this node's cores out evenly.
-        if "OMP_NUM_THREADS" not in os.environ:
-            torch.set_num_threads(max(1, usable_cores() // int(os.environ["LOCAL_WORLD_SIZE"])))
-    else:
-        torch.accelerator.set_device_index(device.index)
-    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    dist.init_process_group(backend, store=attempt_store(rank), rank=rank, world_size=world_size, timeout=TIMEOUT)
-
-
-def attempt_store(rank: int):
-    """The key-value store where the processes exchange addresses, with keys kept apart per torchrun attempt.
-
-    torchrun hosts one store for the whole job and keeps it when it restarts the processes,
-    and init_process_group writes the same keys on every attempt. Restarted processes could
-    then read the address a dead predecessor left there and try to connect to it (seen as
-    "Connection refused" or a hang after a restart). A prefix naming the attempt
-    (TORCHELASTIC_RESTART_COUNT) gives every attempt keys of its own.
-    """
-    agent_hosts_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"  # else rank 0 hosts it
-    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
-                          is_master=rank == 0 and not agent_hosts_store, timeout=TIMEOUT)
-    return dist.PrefixStore(f"attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
-
-
-def save_atomically(obj, path: str):
-    """Write to a temporary file, flush it to disk, then rename over `path`.
-
-    A rename is atomic: whoever reads `path` sees the old file or the new one, never half of
-    one, even if this process dies mid-write. The temporary name is unique per host and
-    process, so nodes that share a file system never write into each other's file.
-    """
-    tmp_path = f"{path}.tmp.{socket.gethostname()}.{os.getpid()}"
-    with open(tmp_path, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp_path, path)
-
-
-def maybe_crash(epoch: int, rank: int):
-    """Fault-tolerance demo: DDP_STEPS_CRASH_AT_EPOCH=E makes one rank (DDP_STEPS_CRASH_RANK, default the
-    last) fail at the start of epoch E, on torchrun's first attempt only, so a restart can resume."""
-    crash_epoch = os.environ.get("DDP_STEPS_CRASH_AT_EPOCH")
-    crash_rank = int(os.environ.get("DDP_STEPS_CRASH_RANK", dist.get_world_size() - 1))
-    first_attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
-    if crash_epoch is not None and int(crash_epoch) == epoch and rank == crash_rank and first_attempt:
-        raise RuntimeError(f"simulated crash of rank {rank} at epoch {epoch} (DDP_STEPS_CRASH_AT_EPOCH)")
+def ddp_setup(device: torch.device, backend: str, timeout: timedelta):
+    if device.type != "cpu":
+        torch.accelerator.set_device_index(device.index)  # each process drives its own GPU
+    elif "OMP_NUM_THREADS" not in os.environ:  # yours wins (PyTorch reads it at start); else share the cores out
+        torch.set_num_threads(max(1, USABLE_CORES // int(os.environ["LOCAL_WORLD_SIZE"])))
+    # torchrun set RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT; why not plain env:// here: see the file's end
+    store, rank, world_size = store_for_this_attempt(timeout)
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=timeout)
 
 
 class Trainer:
-    def __init__(self, model, train_data, val_data, optimizer, device, save_every, snapshot_path, best_path,
+    def __init__(self, model, train_data, val_data, optimizer, rank, device, save_every, snapshot_path, best_path,
                  log_file):
-        self.rank = int(os.environ["RANK"])  # unique over all nodes
-        self.local_rank = int(os.environ["LOCAL_RANK"])  # unique on this node
+        self.rank = rank
         self.device = device
-        self.tag = f"[{device.type}:{self.rank}]"  # every line says which process it comes from
-        self.model = model.to(device)
+        self.tag = f"[{device.type}:{rank}]"  # every line says which process it comes from
+        # DDP keeps the copies in step: it averages gradients across processes during backward().
+        self.model = DDP(model.to(device), device_ids=None if device.type == "cpu" else [device.index])
         self.train_data = train_data
         self.val_data = val_data
         self.optimizer = optimizer
@@ -153,26 +80,21 @@ class Trainer:
         self.log_file = log_file
         self.epochs_run = 0
         self.best_val_loss = float("inf")
-        if os.path.exists(snapshot_path):
-            self._load_snapshot(snapshot_path)
-        # DDP keeps the copies in step: it averages gradients across processes during backward().
-        # On the CPU there is no device to name: device_ids stays None (it lists GPUs).
-        self.model = DDP(self.model, device_ids=None if device.type == "cpu" else [device.index])
+        self._load_snapshot()
 
-    def _load_snapshot(self, snapshot_path):
-        try:
-            # weights_only=True: a snapshot holds tensors and numbers, never code to run.
-            # map_location: put the tensors on this process's device, whichever saved them.
-            snapshot = torch.load(snapshot_path, map_location=self.device, weights_only=True)
-            self.model.load_state_dict(snapshot["model"])
-            self.optimizer.load_state_dict(snapshot["optimizer"])
-            self.epochs_run = snapshot["epochs_run"]
-            self.best_val_loss = snapshot["best_val_loss"]
-        except Exception as e:  # any failure here means this file can't be resumed from
-            reason = str(e).split(". ")[0].strip() or type(e).__name__  # its first sentence is enough
-            raise SystemExit(f"{self.tag} error: cannot resume from snapshot {snapshot_path}: it is corrupt, "
-                             f"truncated or from another model ({reason}); delete it to start afresh") from None
-        print(f"{self.tag} Resuming training from snapshot {snapshot_path} at Epoch {self.epochs_run}")
+    def _load_snapshot(self):
+        # Only rank 0 saves, so only rank 0 reads (with weights_only=True: see read_snapshot). It sends what it
+        # read to every rank: all resume from the same point, whatever the other nodes' disks hold.
+        has_one = self.rank == 0 and os.path.exists(self.snapshot_path)
+        snapshot = [read_snapshot(self.snapshot_path) if has_one else None]
+        dist.broadcast_object_list(snapshot, src=0)
+        if snapshot[0] is None:
+            return  # nothing to resume from: start afresh
+        self.model.module.load_state_dict(snapshot[0]["model"])
+        self.optimizer.load_state_dict(snapshot[0]["optimizer"])
+        self.epochs_run = snapshot[0]["epochs_run"]
+        self.best_val_loss = snapshot[0]["best_val_loss"]
+        print(f"{self.tag} Resuming training from snapshot {self.snapshot_path} at Epoch {self.epochs_run}")
 
     def _run_batch(self, source, targets):
         self.optimizer.zero_grad()
@@ -184,34 +106,28 @@ class Trainer:
 
     @torch.no_grad()
     def _validate(self):
-        """Mean squared error over the WHOLE validation set, whatever the number of ranks.
-
-        Each rank scores its own share of the validation samples; one all_reduce adds up the squared
-        errors and the sample counts of all ranks. Dividing the two totals weights every sample once,
-        even when the shares differ in size (a plain mean of per-rank means would not).
-        """
+        """Mean squared error over the WHOLE validation set, every sample counted once whatever the world size."""
         self.model.eval()
         totals = torch.zeros(2, dtype=torch.float64, device=self.device)  # [sum of squared errors, samples]
         for source, targets in self.val_data:
-            source, targets = source.to(self.device), targets.to(self.device)
+            source, targets = source.to(self.device, non_blocking=True), targets.to(self.device, non_blocking=True)
             output = self.model.module(source)  # no gradients, nothing for DDP to synchronize
             totals[0] += F.mse_loss(output, targets, reduction="sum").double()
             totals[1] += targets.numel()
-        dist.all_reduce(totals, op=dist.ReduceOp.SUM)
+        dist.all_reduce(totals, op=dist.ReduceOp.SUM)  # each rank scored its own share: add up all ranks' sums
         self.model.train()
         return (totals[0] / totals[1]).item()
 
     def _run_epoch(self, epoch):
-        maybe_crash(epoch, self.rank)
         batch_size = self.train_data.batch_size
         self.train_data.sampler.set_epoch(epoch)  # without it, every epoch would see the same split and order
         total_loss = torch.zeros((), device=self.device)
         for source, targets in self.train_data:
-            source, targets = source.to(self.device), targets.to(self.device)
+            # non_blocking: from pinned memory, the copy to a GPU overlaps with work already queued
+            source, targets = source.to(self.device, non_blocking=True), targets.to(self.device, non_blocking=True)
             total_loss += self._run_batch(source, targets)
         steps = len(self.train_data)
-        # Every rank ran `steps` batches (DistributedSampler evens them out): average over all ranks.
-        dist.all_reduce(total_loss, op=dist.ReduceOp.SUM)
+        dist.all_reduce(total_loss, op=dist.ReduceOp.SUM)  # every rank ran `steps` batches: average over all
         train_loss = total_loss.item() / (steps * dist.get_world_size())  # one device->host copy per epoch
         val_loss = self._validate()
         if self.rank == 0:
@@ -221,40 +137,37 @@ class Trainer:
                 "train_loss": train_loss, "val_loss": val_loss, "world_size": dist.get_world_size()}
 
     def _save_snapshot(self, epoch):
-        snapshot = {
-            "model": self.model.module.state_dict(),  # .module: the model inside the DDP wrapper
-            "optimizer": self.optimizer.state_dict(),  # momentum buffers: needed to resume exactly
-            "epochs_run": epoch + 1,
-            "best_val_loss": self.best_val_loss,  # so a resumed run only keeps a model better than this
-        }
-        save_atomically(snapshot, self.snapshot_path)
+        snapshot = {"model": self.model.module.state_dict(),  # .module: the model inside the DDP wrapper
+                    "optimizer": self.optimizer.state_dict(),  # momentum buffers: needed to resume exactly
+                    "epochs_run": epoch + 1,
+                    "best_val_loss": self.best_val_loss}  # so a resumed run only keeps a better model
+        # Write to a temporary file, then rename: a crash mid-write never leaves a half file behind.
+        tmp_path = f"{self.snapshot_path}.tmp.{os.getpid()}"
+        torch.save(snapshot, tmp_path)
+        os.replace(tmp_path, self.snapshot_path)
         print(f"{self.tag} Epoch {epoch} | Training snapshot saved at {self.snapshot_path}")
 
     def _save_best(self, epoch, val_loss):
-        # The model alone (like step 01's checkpoint): what you would deploy or evaluate later.
-        save_atomically(self.model.module.state_dict(), self.best_path)
+        tmp_path = f"{self.best_path}.tmp.{os.getpid()}"  # atomically, as the snapshot
+        torch.save(self.model.module.state_dict(), tmp_path)  # the model alone, as step 01's checkpoint
+        os.replace(tmp_path, self.best_path)
         print(f"{self.tag} Epoch {epoch} | New best val_loss:{val_loss:.4f}, model saved at {self.best_path}")
 
     def train(self, max_epochs: int):
-        if self.epochs_run >= max_epochs and self.rank == 0:
-            print(f"{self.tag} Nothing to train: the snapshot has {self.epochs_run} epochs, --max_epochs is "
-                  f"{max_epochs}")
         for epoch in range(self.epochs_run, max_epochs):
             start = time.perf_counter()
             record = self._run_epoch(epoch)
             record["epoch_time_s"] = time.perf_counter() - start
-            # Every rank has the same val_loss (all_reduce), so every rank takes the same decision here.
-            record["best"] = record["val_loss"] < self.best_val_loss
+            record["best"] = record["val_loss"] < self.best_val_loss  # the same on every rank (all_reduce)
             if record["best"]:
                 self.best_val_loss = record["val_loss"]
-                if self.local_rank == 0:
+                if self.rank == 0:
                     self._save_best(epoch, record["val_loss"])
             if self.rank == 0 and self.log_file:
                 with open(self.log_file, "a") as f:
                     f.write(json.dumps(record) + "\n")
-            # All copies are identical, so one process per node saving is enough; each node then has
-            # a snapshot on its own disk to resume from, even without a shared file system.
-            if self.local_rank == 0 and ((epoch + 1) % self.save_every == 0 or epoch + 1 == max_epochs):
+            # All copies are identical, so one process saving is enough.
+            if self.rank == 0 and ((epoch + 1) % self.save_every == 0 or epoch + 1 == max_epochs):
                 self._save_snapshot(epoch)
         if self.rank == 0:
             print(f"{self.tag} Finished training: {max_epochs} epochs | best val_loss:{self.best_val_loss:.4f} "
@@ -262,129 +175,93 @@ class Trainer:
 
 
 def load_train_objs(args):
-    train_set, val_set = split_dataset(RegressionDataset(args.dataset_size), args.val_fraction)
+    # A train/validation split from a generator with a fixed seed of its own: every rank makes the same one.
+    dataset = RegressionDataset(args.dataset_size)
+    val_size = max(1, round(len(dataset) * args.val_fraction))
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(4321)).tolist()
+    train_set, val_set = Subset(dataset, order[val_size:]), Subset(dataset, order[:val_size])
     model = torch.nn.Sequential(  # a small dense network: 20 -> 64 -> 1
         torch.nn.Linear(20, 64), torch.nn.ReLU(), torch.nn.Linear(64, 1))
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9)
     return train_set, val_set, model, optimizer
 
 
-def split_dataset(dataset: Dataset, val_fraction: float):
-    """Train/validation split from a generator with a fixed seed of its own: every rank computes exactly
-    the same split, whatever its rank, the training seed or the global random state."""
-    val_size = max(1, round(len(dataset) * val_fraction))
-    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(4321)).tolist()
-    return Subset(dataset, order[val_size:]), Subset(dataset, order[:val_size])
-
-
-def check_same_split(val_set: Subset, device: torch.device):
-    """Compare every rank's validation indices (by two checksums) with rank 0's; stop if any differs."""
-    idx = torch.tensor(val_set.indices, dtype=torch.int64)
-    mine = torch.stack([idx.sum(), (idx * torch.arange(1, len(idx) + 1)).sum(), torch.tensor(len(idx))])
-    everyone = [torch.zeros_like(mine, device=device) for _ in range(dist.get_world_size())]
-    dist.all_gather(everyone, mine.to(device))
-    differ = [r for r, other in enumerate(everyone) if not torch.equal(other, everyone[0])]
-    if differ:
-        raise SystemExit(f"error: ranks {differ} have another train/validation split than rank 0")
-
-
-def prepare_dataloader(dataset: Dataset, batch_size: int, seed: int):
-    # pinned host memory speeds up copies to a GPU; it means nothing without one.
-    # DistributedSampler gives each process a disjoint 1/world_size of the samples (it shuffles,
-    # so the DataLoader must not). If the data set does not divide evenly, it repeats a few
-    # samples so that every process gets the same number of batches.
-    return DataLoader(dataset, batch_size=batch_size, shuffle=False, pin_memory=torch.cuda.is_available(),
+def prepare_dataloader(dataset: Dataset, batch_size: int, device: torch.device, seed: int):
+    # pinned (page-locked) host memory speeds up copies to a CUDA GPU; it means nothing for the CPU
+    # DistributedSampler: each process gets its own shuffled 1/world_size of the samples; the DataLoader mustn't shuffle
+    return DataLoader(dataset, batch_size=batch_size, shuffle=False, pin_memory=device.type == "cuda",
                       sampler=DistributedSampler(dataset, seed=seed))
-
-
-def prepare_val_dataloader(val_set: Subset, batch_size: int):
-    # Rank r scores samples r, r + world_size, r + 2 * world_size, ...: every sample exactly once over all
-    # ranks, nothing repeated (DistributedSampler would pad to equal shares and count a few twice).
-    rank, world_size = dist.get_rank(), dist.get_world_size()
-    share = Subset(val_set.dataset, val_set.indices[rank::world_size])
-    return DataLoader(share, batch_size=batch_size, shuffle=False, pin_memory=torch.cuda.is_available())
-
-
-def share_sizes(samples: int, world_size: int) -> str:
-    fewest, most = samples // world_size, -(-samples // world_size)
-    return str(fewest) if fewest == most else f"{fewest}-{most}"
-
-
-def describe_cpu_use(world_size: int, device: torch.device, tag: str):
-    """Say how many processes and threads share this node's cores; warn when they are more than the cores."""
-    if device.type != "cpu":
-        return
-    processes, threads, cores = int(os.environ["LOCAL_WORLD_SIZE"]), torch.get_num_threads(), usable_cores()
-    print(f"{tag} this node: {processes} processes x {threads} thread(s) on {cores} usable core(s)")
-    if processes * threads > cores:
-        print(f"{tag} note: oversubscribed ({processes * threads} threads > {cores} cores): the processes take "
-              f"turns on the cores. Training is still correct, only slower; for speed use at most {cores} "
-              f"processes x threads per node")
 
 
 def main(args):
     # One write per printed line, so lines from several processes never mix mid-line.
     sys.stdout.reconfigure(line_buffering=True, write_through=False)
-    device, backend = pick_device(int(os.environ["LOCAL_RANK"]), args.cpu)
-    ddp_setup(device, backend)
+    device, backend = pick_device(int(os.environ["LOCAL_RANK"]), int(os.environ["LOCAL_WORLD_SIZE"]), args.cpu)
+    ddp_setup(device, backend, timedelta(minutes=args.timeout_min))
     rank, world_size = dist.get_rank(), dist.get_world_size()
-    torch.manual_seed(args.seed)  # same initial weights on every run (DDP also copies rank 0's to all)
-    tag = f"[{device.type}:{rank}]"
-    if rank == 0:
-        print(f"{tag} device {device.type} | backend {backend} | world_size {world_size} | "
-              f"threads per process {torch.get_num_threads()}")
-    if int(os.environ["LOCAL_RANK"]) == 0:  # one report per node: each node has its own cores
-        describe_cpu_use(world_size, device, tag)
+    torch.manual_seed(args.seed)  # same initial weights and data order on every run
+    print(f"[{device.type}:{rank}] device {device.type} | backend {backend} | world_size {world_size} | "
+          f"GPUs here {torch.accelerator.device_count()}")
+    if device.type == "cpu" and int(os.environ["LOCAL_RANK"]) == 0:  # one report per node: it has its own cores
+        processes, threads, cores = int(os.environ["LOCAL_WORLD_SIZE"]), torch.get_num_threads(), USABLE_CORES
+        print(f"[cpu:{rank}] this node: {processes} processes x {threads} thread(s) on {cores} usable core(s)"
+              + (" | oversubscribed: still correct, only slower" if processes * threads > cores else ""))
     dataset, val_set, model, optimizer = load_train_objs(args)
-    check_same_split(val_set, device)
-    if rank == 0:
-        print(f"{tag} data: {len(dataset)} train | {len(val_set)} validation samples, the same split on all "
-              f"{world_size} ranks (checked); each rank validates {share_sizes(len(val_set), world_size)} of them")
-    train_data = prepare_dataloader(dataset, args.batch_size, args.seed)
-    val_data = prepare_val_dataloader(val_set, args.batch_size)
-    trainer = Trainer(model, train_data, val_data, optimizer, device, args.save_every, args.snapshot_path,
+    train_data = prepare_dataloader(dataset, args.batch_size, device, args.seed)
+    # Rank r validates samples r, r + world_size, ...: each once (DistributedSampler would pad, counting some twice)
+    val_share = Subset(val_set.dataset, val_set.indices[rank::world_size])
+    val_data = DataLoader(val_share, batch_size=args.batch_size, pin_memory=device.type == "cuda")
+    trainer = Trainer(model, train_data, val_data, optimizer, rank, device, args.save_every, args.snapshot_path,
                       args.best_path, args.log_file)
     trainer.train(args.max_epochs)
-    # Wait for every rank before tearing down. While a rank waits here, Gloo's threads finish with its
-    # last collective; a thread still holding one of our tensors when Python shuts down aborts the
-    # process ("terminate called without an active exception", a PyTorch bug: pytorch/pytorch#179291).
-    dist.barrier()
     dist.destroy_process_group()
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(
-        description="Step 05: train the toy model with DDP on CPU processes (Gloo), with a validation set, "
-                    "a best-validation checkpoint, snapshots and resume.",
-        epilog="Start it with torchrun, e.g.: torchrun --standalone --nproc-per-node 2 05_singlenode_cpu.py")
+    parser = argparse.ArgumentParser(description="Step 05: DDP on CPU processes, with a validation set.")
     parser.add_argument("--max_epochs", type=int, default=10, help="epochs to train (default: 10)")
     parser.add_argument("--batch_size", type=int, default=32, help="samples per batch (default: 32)")
     parser.add_argument("--save_every", type=int, default=5, help="save a snapshot every N epochs (default: 5)")
     parser.add_argument("--lr", type=float, default=0.01, help="SGD learning rate (default: 0.01)")
     parser.add_argument("--seed", type=int, default=0, help="seed for the initial weights and data order")
     parser.add_argument("--dataset_size", type=int, default=4096, help="samples in the data set (default: 4096)")
-    parser.add_argument("--val_fraction", type=float, default=0.1,
-                        help="share of the data held out for validation (default: 0.1)")
-    parser.add_argument("--snapshot_path", default="snapshot_05.pt",
-                        help="snapshot to save, and to resume from if it exists (default: snapshot_05.pt)")
-    parser.add_argument("--best_path", default="best_05.pt",
-                        help="the model with the lowest validation loss so far (default: best_05.pt)")
+    parser.add_argument("--val_fraction", type=float, default=0.1, help="share held out for validation (default: 0.1)")
+    parser.add_argument("--snapshot_path", default="snapshot_05.pt", help="saved here; resumed from if it exists")
+    parser.add_argument("--best_path", default="best_05.pt", help="the model with the lowest validation loss")
     parser.add_argument("--cpu", action="store_true", help="train on the CPU with Gloo even if there are GPUs")
     parser.add_argument("--log_file", default=None, help="append one JSON line per epoch here (for plots)")
-    args = parser.parse_args(argv)
+    parser.add_argument("--timeout_min", type=float, default=10, help="minutes to wait for a slow or dead rank")
+    return check_args(parser, parser.parse_args(argv))
+
+
+# ---- Guards and conveniences: clear one-line errors for bad input. Not the lesson; read them last. ----------
+def check_args(parser, args):
     for name in ("max_epochs", "batch_size", "save_every", "dataset_size"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be at least 1")
     if not 0 < args.val_fraction < 1:
         parser.error("--val_fraction must be between 0 and 1 (exclusive)")
-    if round(args.dataset_size * (1 - args.val_fraction)) < 1:
-        parser.error("--dataset_size is too small to leave any training samples after the validation split")
     return args
+
+
+def store_for_this_attempt(timeout: timedelta):
+    # env://'s store, with keys of this attempt's own: torchrun keeps one store across restarts, where restarted
+    # processes could read addresses the dead ones left ("Connection refused"; pytorch/pytorch#135712).
+    store, rank, world_size = next(dist.rendezvous("env://", timeout=timeout))
+    return dist.PrefixStore(f"attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store), rank, world_size
+
+
+def read_snapshot(path: str):
+    """torch.load with weights_only=True (tensors and numbers, never code to run); a damaged file: one line."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise SystemExit(f"error: cannot resume from snapshot {path}: it is corrupt or truncated "
+                         f"({str(e).split('. ')[0].strip()}); delete it to start afresh") from None
 
 
 if __name__ == "__main__":
     args = parse_args()
     if "LOCAL_RANK" not in os.environ:
-        raise SystemExit("error: start this script with torchrun, e.g. "
-                         "torchrun --standalone --nproc-per-node 2 05_singlenode_cpu.py")
+        raise SystemExit("error: use torchrun: torchrun --standalone --nproc-per-node 2 05_singlenode_cpu.py")
     main(args)

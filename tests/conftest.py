@@ -34,7 +34,9 @@ def cpu_env(**extra) -> dict:
     """Environment for a worker: CPU only, one thread per process (this machine has 2 cores)."""
     env = dict(os.environ)
     # PYTHONFAULTHANDLER: a worker that dies of a signal prints every thread's Python stack first.
-    env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", CUDA_VISIBLE_DEVICES="", PYTHONFAULTHANDLER="1")
+    # MASTER_PORT: step 02 (mp.spawn) listens there; a free one, so that tests never collide.
+    env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", CUDA_VISIBLE_DEVICES="", PYTHONFAULTHANDLER="1",
+               MASTER_PORT=str(free_port()))
     env.update({k: str(v) for k, v in extra.items()})
     return env
 
