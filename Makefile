@@ -1,13 +1,22 @@
 # The two commands of this repository (see README.md):
 #   make tour   run every step in order with small settings on the hardware present, then print a summary
 #   make test   run the test suite (real multi-process groups on CPU)
-# Both create a virtualenv in .venv and install what they need the first time.
+# and, on a machine with NVIDIA GPUs:
+#   make gpu-check   every step on the GPU(s), the CUDA-only tests and minGPT-ddp's benchmark, in one table
+# All create a virtualenv in .venv and install what they need the first time.
+#
+# PyTorch comes from pip's index. From PyPI, Linux gets the CUDA build (about 2.7 GB with its nvidia-* wheels);
+# macOS and Windows get a CPU build (about 200 MB). On Linux without an NVIDIA GPU, take PyTorch's CPU build
+# (about 190 MB) from PyTorch's own index instead:
+#   make tour TORCH_INDEX=https://download.pytorch.org/whl/cpu
 
-PYTHON ?= python3
-VENV   ?= .venv
-PY     := $(VENV)/bin/python
+PYTHON        ?= python3
+VENV          ?= .venv
+PY            := $(VENV)/bin/python
+TORCH_VERSION ?= 2.13.0
+TORCH_INDEX   ?=
 
-.PHONY: tour test install clean
+.PHONY: tour test gpu-check install clean
 
 tour: $(VENV)/.installed
 	$(PY) tools/tour.py
@@ -15,13 +24,16 @@ tour: $(VENV)/.installed
 test: $(VENV)/.installed
 	$(PY) -m pytest
 
+gpu-check: $(VENV)/.installed
+	$(PY) tools/gpu_check.py
+
 install: $(VENV)/.installed
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
-	@# Without an NVIDIA GPU, take the CPU-tested PyTorch release first (its CPU wheel is small);
-	@# with one, requirements.txt's loose range picks a CUDA build. Either way the range holds.
-	if ! command -v nvidia-smi >/dev/null 2>&1; then $(PY) -m pip install -q "torch==2.13.0" || true; fi
+	@# The release the course is tested with first (requirements.txt's range would take the newest); a failed
+	@# install stops here with pip's message.
+	$(PY) -m pip install -q $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) "torch==$(TORCH_VERSION)"
 	$(PY) -m pip install -q -r requirements-dev.txt
 	touch $@
 

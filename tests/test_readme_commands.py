@@ -3,7 +3,8 @@
 Every ```bash block that follows a `<!-- tested ... -->` line in a README is run as written,
 with bash, in a scratch folder that links to the repository's files (so what the commands
 write stays out of the repository), with this virtualenv's `python` and `torchrun` first
-on PATH, on the CPU.
+on PATH, on the CPU. It must exit 0 and print no Python traceback, on stdout or stderr (where
+tracebacks go), unless its marker says `<!-- tested, traceback expected -->` (a crash demo).
 """
 import os
 import re
@@ -17,15 +18,16 @@ import pytest
 from conftest import REPO, aborted_only_at_exit, cpu_env
 
 READMES = [REPO / "README.md", *sorted(REPO.glob("*/README.md"))]
-BLOCK = re.compile(r"<!-- tested[^>]*-->\s*```bash\n(.*?)```", re.S)
+BLOCK = re.compile(r"<!-- tested([^>]*)-->\s*```bash\n(.*?)```", re.S)
 
 
 def readme_blocks():
     for readme in READMES:
         for number, match in enumerate(BLOCK.finditer(readme.read_text())):
-            block = match.group(1)
+            block, traceback_expected = match.group(2), "traceback expected" in match.group(1)
             first = next(line for line in block.splitlines() if line.strip() and not line.startswith("#"))
-            yield pytest.param(readme, block, id=f"{readme.relative_to(REPO).parent}#{number}:{first[:60]}")
+            yield pytest.param(readme, block, traceback_expected,
+                               id=f"{readme.relative_to(REPO).parent}#{number}:{first[:60]}")
 
 
 def scratch_copy(tmp_path: Path, readme: Path) -> Path:
@@ -40,8 +42,8 @@ def test_readmes_have_readme_blocks():
     assert len(list(readme_blocks())) >= 4
 
 
-@pytest.mark.parametrize("readme,block", list(readme_blocks()))
-def test_readme_block_runs(tmp_path, readme, block):
+@pytest.mark.parametrize("readme,block,traceback_expected", list(readme_blocks()))
+def test_readme_block_runs(tmp_path, readme, block, traceback_expected):
     env = cpu_env(PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
 
     def run_block(folder: Path):
@@ -54,4 +56,5 @@ def test_readme_block_runs(tmp_path, readme, block):
         warnings.warn(f"README block hit the Gloo exit abort (pytorch/pytorch#179291); running it again: {block}")
         proc = run_block(tmp_path / "again")
     assert proc.returncode == 0, f"{block}\n--- stdout ---\n{proc.stdout[-3000:]}\n--- stderr ---\n{proc.stderr[-3000:]}"
-    assert "Traceback" not in proc.stdout
+    if not traceback_expected:
+        assert "Traceback" not in proc.stdout + proc.stderr, f"{block}\n--- stderr ---\n{proc.stderr[-3000:]}"

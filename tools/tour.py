@@ -22,27 +22,47 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 
 
-def processes_per_node() -> int:
-    """One process per GPU; without GPUs, two CPU processes."""
-    return torch.cuda.device_count() or 2
+def gpu_count() -> int:
+    """GPUs the steps would use: CUDA (NCCL) or Intel (XCCL) devices."""
+    accelerator = torch.accelerator.current_accelerator(check_available=True)
+    return torch.accelerator.device_count() if accelerator is not None and accelerator.type in ("cuda", "xpu") else 0
 
 
-def tour_steps(nproc: int):
+def processes_per_node(gpus: int) -> int:
+    """One process per GPU where there are two or more; else two, which the steps put on the CPU (Gloo):
+    a step uses GPUs only when there is one for every process."""
+    return gpus if gpus >= 2 else 2
+
+
+def describe(gpus: int) -> str:
+    nproc = processes_per_node(gpus)
+    if gpus >= 2:
+        return f"{gpus} GPUs: {nproc} processes per step, NCCL"
+    if gpus == 1:
+        return (f"1 GPU: step 01 and a one-process fp16 run of 06 on the GPU; the {nproc}-process steps on the "
+                f"CPU, Gloo")
+    return f"no GPU: {nproc} CPU processes per step, Gloo"
+
+
+def tour_steps(gpus: int):
     """(key, title, command, extra environment, log file the command writes)."""
+    nproc = processes_per_node(gpus)
     torchrun = ["torchrun", "--standalone", "--nproc-per-node", str(nproc)]
-    step03 = [*torchrun, "03_multigpu_torchrun.py", "--save_every", "2"]
-    return [
+    step03 = ["03_multigpu_torchrun.py", "--save_every", "2"]
+    steps = [
         ("01", "one device", ["python", "01_single_gpu.py", "--max_epochs", "5", "--log_file", "01.jsonl"],
          {}, "01.jsonl"),
         ("02", "DDP started by mp.spawn",
          ["python", "02_multigpu_mp_spawn.py", "--max_epochs", "5", "--log_file", "02.jsonl"], {}, "02.jsonl"),
-        ("03", "torchrun, snapshots", [*step03, "--max_epochs", "4", "--log_file", "03a.jsonl"], {}, "03a.jsonl"),
-        ("03", "resume from the snapshot", [*step03, "--max_epochs", "6", "--log_file", "03b.jsonl"], {},
+        ("03", "torchrun, snapshots", [*torchrun, *step03, "--max_epochs", "4", "--log_file", "03a.jsonl"], {},
+         "03a.jsonl"),
+        ("03", "resume from the snapshot", [*torchrun, *step03, "--max_epochs", "6", "--log_file", "03b.jsonl"], {},
          "03b.jsonl"),
+        # tools/faults.py makes the last rank raise at the start of epoch 7, on torchrun's first attempt only
         ("03", "a rank crashes, torchrun restarts",
-         [*step03[:1], "--max-restarts", "1", *step03[1:], "--max_epochs", "8", "--log_file", "03c.jsonl"],
-         {"DDP_STEPS_CRASH_AT_EPOCH": "7"}, "03c.jsonl"),
-        ("04", "collectives", [*torchrun, "04_collectives_intro.py"], {}, None),
+         [*torchrun, "--max-restarts", "1", "tools/faults.py", "--crash-at-epoch", "7", *step03, "--max_epochs", "8",
+          "--log_file", "03c.jsonl"], {}, "03c.jsonl"),
+        ("04", "collectives", ["python", "04_collectives_intro.py"], {}, None),
         ("05", "a CPU cluster", [*torchrun, "05_singlenode_cpu.py", "--max_epochs", "5", "--log_file", "05.jsonl"],
          {}, "05.jsonl"),
         ("06", "mixed precision: fp32",
@@ -58,6 +78,11 @@ def tour_steps(nproc: int):
          ["python", "minGPT-ddp/sample.py", "--snapshot", "mingpt.pt", "--prompt", "def ", "--max-new-tokens",
           "200"], {}, None),
     ]
+    if gpus == 1:  # the one GPU at work: mixed precision as a GPU runs it, fp16 with GradScaler
+        steps.insert(9, ("06", "mixed precision on the GPU: fp16", ["torchrun", "--standalone", "--nproc-per-node",
+                         "1", "06_amp.py", "--max_epochs", "3", "--dtype", "fp16", "--log_file", "fp16.jsonl"], {},
+                         "fp16.jsonl"))
+    return steps
 
 
 def resolve(command):
@@ -89,15 +114,15 @@ def main():
     parser.add_argument("--workdir", default=str(REPO / "runs" / "tour"), help="where the steps write (default: "
                         "runs/tour, emptied first)")
     args = parser.parse_args()
-    nproc = processes_per_node()
-    device = f"{nproc} GPU(s), NCCL" if torch.cuda.is_available() else f"CPU, Gloo, {nproc} processes"
-    print(f"ddp-steps tour on {device} | torch {torch.__version__} | {os.cpu_count()} CPU cores\n", flush=True)
+    gpus = gpu_count()
+    print(f"ddp-steps tour on {describe(gpus)} | torch {torch.__version__} | {os.cpu_count()} CPU cores\n",
+          flush=True)
 
     root = Path(args.workdir)
     shutil.rmtree(root, ignore_errors=True)
     wanted = set(args.only.split(",")) if args.only else None
     results = []
-    for key, title, command, extra_env, log_name in tour_steps(nproc):
+    for key, title, command, extra_env, log_name in tour_steps(gpus):
         if wanted and key not in wanted:
             continue
         if not (REPO / script_of(command)).is_file():
