@@ -1,0 +1,238 @@
+"""The three errors every DDP user meets, each made to happen on 2 CPU processes in seconds, and its fix.
+
+    python notebooks/ddp_errors.py --error unused          # a parameter gets no gradient: DDP raises
+    python notebooks/ddp_errors.py --error unused --fix    # DDP(model, find_unused_parameters=True)
+    python notebooks/ddp_errors.py --error uneven          # one rank has more batches: a timeout
+    python notebooks/ddp_errors.py --error uneven --fix    # with Join([model]):
+    python notebooks/ddp_errors.py --error partial         # only rank 0 calls all_reduce: a timeout
+    python notebooks/ddp_errors.py --error partial --fix   # every rank calls every collective
+
+Nothing here can hang. The process group has a short timeout (--timeout_s, 5 s): a rank that waits for a
+peer that never comes fails with an error instead of waiting forever (a real training script would
+give it minutes). And this parent process kills whatever still runs after --deadline_s.
+Exit code: 0 when every rank finished, 1 when one failed (the error shown), 2 for bad flags.
+"""
+import argparse
+import contextlib
+import datetime
+import json
+import os
+import signal
+import socket
+import sys
+import time
+import traceback
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+from torch.distributed.algorithms.join import Join
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+
+class TwoHeads(torch.nn.Module):
+    """A body with two heads, where forward() only uses the first: `aux` (say, a head for another task,
+    switched off in this configuration) never contributes to the loss, so its parameters get no gradient."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = torch.nn.Linear(8, 16)
+        self.head = torch.nn.Linear(16, 1)
+        self.aux = torch.nn.Linear(16, 1)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.body(x)))
+
+
+def batches(rank, count):
+    """`count` batches of 8 samples, different on every rank (as its share of the data would be)."""
+    g = torch.Generator().manual_seed(100 + rank)
+    for _ in range(count):
+        x = torch.randn(8, 8, generator=g)
+        yield x, x.sum(dim=1, keepdim=True)
+
+
+def train_step(model, optimizer, x, y):
+    optimizer.zero_grad()
+    loss = F.mse_loss(model(x), y)
+    loss.backward()  # DDP all-reduces the gradients here: every rank must take part
+    optimizer.step()
+    return loss.item()
+
+
+def same_on_every_rank(model) -> bool:
+    """True if this rank's weights equal rank 0's (checked on every rank, agreed by all)."""
+    mine = torch.cat([p.detach().flatten() for p in model.parameters()])
+    theirs = mine.clone()
+    dist.broadcast(theirs, src=0)
+    differ = torch.tensor([float(not torch.equal(mine, theirs))])
+    dist.all_reduce(differ, op=dist.ReduceOp.MAX)
+    return differ.item() == 0
+
+
+def unused(rank, fix, say):
+    """a) A parameter that gets no gradient. DDP waits, in every backward(), for every parameter's gradient
+    before it starts the last bucket's all-reduce; `aux` never gets one, so the reduction never finishes,
+    and the next forward() finds it unfinished and raises."""
+    torch.manual_seed(0)
+    # find_unused_parameters=True: after each forward(), DDP walks the autograd graph from the outputs
+    # and marks the parameters it does not reach as ready. It costs that walk at every step.
+    model = DDP(TwoHeads(), find_unused_parameters=fix)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    for step, (x, y) in enumerate(batches(rank, 3)):
+        say(f"step {step} | loss {train_step(model, optimizer, x, y):.4f}")
+    say(f"aux.weight.grad is {model.module.aux.weight.grad} | weights the same on every rank: "
+        f"{same_on_every_rank(model)}")
+
+
+def uneven(rank, fix, say):
+    """b) Uneven inputs: each rank reads its own shard, and the shards differ in size (rank r gets 3 + 2r
+    batches). In every backward() DDP all-reduces with the other ranks; once rank 0 has run out of data,
+    rank 1's next all-reduce waits for a partner that never comes."""
+    torch.manual_seed(0)
+    model = DDP(torch.nn.Linear(8, 1))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    shard = 3 + 2 * rank
+    say(f"my shard: {shard} batches")
+    # Join: a rank that has run out of batches keeps answering the others' all-reduces (with zeros) until
+    # every rank has finished, then the ranks agree on the final weights.
+    with Join([model]) if fix else contextlib.nullcontext():
+        for step, (x, y) in enumerate(batches(rank, shard)):
+            say(f"step {step} | loss {train_step(model, optimizer, x, y):.4f}")
+    say(f"out of data after {shard} steps")
+    if fix:
+        say(f"weights the same on every rank: {same_on_every_rank(model)}")
+
+
+def partial(rank, fix, say):
+    """c) A collective that only some ranks call. Every collective (all_reduce, broadcast, barrier, ...)
+    must be called by every rank of the group, in the same order. Here rank 0 alone, the one that prints,
+    sums the ranks' validation losses."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(8, 1)
+    x, y = next(batches(rank, 1))
+    with torch.no_grad():
+        total = F.mse_loss(model(x), y).reshape(1)  # this rank's validation loss
+    say(f"my validation loss {total.item():.4f}")
+    if fix or rank == 0:  # the bug: `if rank == 0:` around the all_reduce, not only around the print
+        dist.all_reduce(total)  # sum over ranks; every rank must call it
+    if rank == 0:
+        say(f"mean validation loss over the ranks {total.item() / dist.get_world_size():.4f}")
+
+
+ERRORS = {"unused": unused, "uneven": uneven, "partial": partial}
+
+
+def worker(rank, args, port):
+    sys.stdout.reconfigure(line_buffering=True, write_through=False)  # one write per line: ranks never mix
+
+    def say(message):
+        print(f"[cpu:{rank}] {message}")
+
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    # The timeout: how long a collective waits for the other ranks before it raises.
+    dist.init_process_group("gloo", rank=rank, world_size=args.world_size,
+                            timeout=datetime.timedelta(seconds=args.timeout_s))
+    if rank == 0:
+        say(f"device cpu | backend gloo | world_size {args.world_size} | error {args.error} | "
+            f"fix {'on' if args.fix else 'off'} | process-group timeout {args.timeout_s:g} s")
+    start = time.perf_counter()
+    try:
+        ERRORS[args.error](rank, args.fix, say)
+        if args.at_end == "barrier":
+            dist.barrier()  # wait for the others, as every step of this tutorial does before it ends
+    except Exception as error:  # what a learner would see; then this process fails
+        say(f"{type(error).__name__} after {time.perf_counter() - start:.1f} s, {where(error)}:")
+        for line in str(error).strip().splitlines()[:8]:
+            say(f"  {line.strip()}")
+        log(args, rank, time.perf_counter() - start, error)
+        sys.stdout.flush()
+        os._exit(1)  # at once: a peer may still be stuck, so no clean shutdown of the process group
+    say(f"finished after {time.perf_counter() - start:.1f} s")
+    log(args, rank, time.perf_counter() - start)
+    if args.at_end == "barrier":  # with --at_end exit: leave without a word to the others
+        dist.destroy_process_group()
+    # Skip the interpreter's shutdown: there, a Gloo thread still letting go of the last collective's tensor
+    # can abort a process that has finished its work (pytorch/pytorch#179291, see the README's
+    # troubleshooting); in this demo, that would look like one more error.
+    sys.stdout.flush()
+    os._exit(0)
+
+
+def where(error) -> str:
+    """Where in this file the error came out: 'in train_step(), at `loss.backward()`'."""
+    frames = [f for f in traceback.extract_tb(error.__traceback__) if f.filename == __file__]
+    return f"in {frames[-1].name}(), at `{frames[-1].line.split('  #')[0]}`" if frames else "outside this file"
+
+
+def log(args, rank, seconds, error=None):
+    """One JSON line per rank in --log_file: how it ended, and when (for the notebook's picture)."""
+    if args.log_file:
+        record = {"error": args.error, "fix": args.fix, "at_end": args.at_end, "rank": rank,
+                  "outcome": "failed" if error else "finished", "seconds": round(seconds, 3)}
+        if error:
+            record.update(exception=type(error).__name__, message=str(error).strip().splitlines()[0])
+        with open(args.log_file, "a") as f:
+            f.write(json.dumps(record) + "\n")  # one write per line: the ranks' lines never mix
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(
+        description="Reproduce one of the three classic DDP errors on CPU processes (Gloo), or run its fix.")
+    parser.add_argument("--error", required=True, choices=sorted(ERRORS),
+                        help="unused: a parameter without gradient; uneven: ranks with different numbers of "
+                             "batches; partial: a collective that only rank 0 calls")
+    parser.add_argument("--fix", action="store_true", help="run the fixed version")
+    parser.add_argument("--at_end", choices=["barrier", "exit"], default="barrier",
+                        help="what a rank does when its work is done: wait for the others in dist.barrier() "
+                             "(default) or exit at once")
+    parser.add_argument("--world_size", type=int, default=2, help="processes to start (default: 2)")
+    parser.add_argument("--log_file", default=None, help="append one JSON line per rank here: how it ended, when")
+    parser.add_argument("--timeout_s", type=float, default=5.0,
+                        help="process-group timeout in seconds (default: 5)")
+    parser.add_argument("--deadline_s", type=float, default=60.0,
+                        help="kill every process still running after this many seconds (default: 60)")
+    args = parser.parse_args(argv)
+    if args.world_size < 2:
+        parser.error("--world_size must be at least 2: these errors need two processes")
+    if args.timeout_s <= 0 or args.deadline_s <= 0:
+        parser.error("--timeout_s and --deadline_s must be positive")
+    return args
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def describe(exitcode: int) -> str:
+    """An exit code, with the signal's name when a signal ended the process (-11: SIGSEGV)."""
+    return f"{exitcode} ({signal.Signals(-exitcode).name})" if exitcode < 0 else str(exitcode)
+
+
+def main():
+    args = parse_args()
+    port = int(os.environ.get("MASTER_PORT") or free_port())
+    start = time.monotonic()
+    context = mp.spawn(worker, args=(args, port), nprocs=args.world_size, join=False)
+    processes = context.processes
+    try:
+        while any(p.is_alive() for p in processes) and time.monotonic() - start < args.deadline_s:
+            time.sleep(0.05)
+    finally:  # the last resort (or Ctrl-C): the process-group timeout should have ended them long before
+        stuck = [rank for rank, p in enumerate(processes) if p.is_alive()]
+        for rank in stuck:
+            processes[rank].kill()
+    for p in processes:
+        p.join()
+    codes = ", ".join(f"rank {rank} {describe(p.exitcode)}" for rank, p in enumerate(processes))
+    print(f"ddp_errors: exit codes {codes} | {time.monotonic() - start:.1f} s"
+          + (f" | killed after the {args.deadline_s:g} s deadline: ranks {stuck}" if stuck else ""))
+    sys.exit(0 if all(p.exitcode == 0 for p in processes) else 1)
+
+
+if __name__ == "__main__":
+    main()
