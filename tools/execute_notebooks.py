@@ -39,8 +39,10 @@ def execute(path: Path, kernel_dir: str, timeout: int) -> float:
     for cell in nb.cells:
         if cell.cell_type == "code":
             cell.outputs, cell.execution_count = [], None
+            cell.metadata.pop("execution", None)  # timestamps of an earlier run
     km = KernelManager(kernel_name=KERNEL, kernel_spec_manager=KernelSpecManager(kernel_dirs=[kernel_dir]))
-    client = nbclient.NotebookClient(nb, km=km, kernel_name=KERNEL, timeout=timeout,
+    # record_timing=False: no execution timestamps in the cells' metadata, so a re-run changes only outputs
+    client = nbclient.NotebookClient(nb, km=km, kernel_name=KERNEL, timeout=timeout, record_timing=False,
                                      resources={"metadata": {"path": str(path.parent)}})
     start = time.perf_counter()
     client.execute(cleanup_kc=True)  # raises CellExecutionError (the file is left as it was) if a cell fails
