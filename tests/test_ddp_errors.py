@@ -13,8 +13,8 @@ from conftest import REPO, cpu_env, run
 
 SCRIPT = REPO / "notebooks" / "ddp_errors.py"
 TIMEOUT_S = 3  # the process-group timeout these tests pass (the script's default is 5)
-SLOW_S = 30  # a timeout the runs below must NOT wait for: they have to fail for another reason first
-LIMIT_S = 25  # no run may take longer than this (2 processes start in about 2 s, more on busy cores)
+SLOW_S = 60  # a timeout the runs below must NOT wait for: they have to fail for another reason first
+LIMIT_S = 45  # no run may take longer (about 3 s for 2 processes on 2 idle cores; 20 s seen on busy ones)
 
 
 def ddp_errors(tmp_path, *flags, **env):
@@ -86,7 +86,7 @@ def test_a_rank_that_exits_fails_the_waiting_one_at_once(tmp_path, error, surviv
     assert f"rank {survivor} 0" in proc.stdout and f"rank {waiter} 1" in proc.stdout, proc.stdout
     assert f"[cpu:{waiter}] RuntimeError after" in proc.stdout
     assert "by peer" in proc.stdout, proc.stdout  # "Connection closed by peer" or "... reset by peer"
-    assert seconds < SLOW_S - 5
+    assert seconds < SLOW_S - 10
 
 
 def test_detail_names_the_mismatched_collectives_at_once(tmp_path):
@@ -95,7 +95,7 @@ def test_detail_names_the_mismatched_collectives_at_once(tmp_path):
     assert proc.stdout.count("Detected mismatch between collectives on ranks") == 2, proc.stdout
     assert "Rank 0 is running collective: CollectiveFingerPrint(SequenceNumber=0, OpType=ALLREDUCE" in proc.stdout
     assert "Rank 1 is running collective: CollectiveFingerPrint(SequenceNumber=0OpType=BARRIER)" in proc.stdout
-    assert seconds < SLOW_S - 5
+    assert seconds < SLOW_S - 10
 
 
 def test_info_names_the_unused_parameters(tmp_path):
