@@ -1,5 +1,6 @@
 """Save training state so that a crash, a pre-emption or a time limit costs minutes, not
 the run; and load it back, for resuming or for sampling."""
+import hashlib
 import os
 import socket
 from pathlib import Path
@@ -47,3 +48,18 @@ def load(path: str) -> dict:
     if not isinstance(state, dict) or any(key not in state for key in REQUIRED_KEYS):
         raise SystemExit(f"error: {path} is not a minGPT-ddp snapshot (it lacks {', '.join(REQUIRED_KEYS)})")
     return state
+
+
+def describe(path: str) -> str:
+    """What this machine holds at `path`, short enough to compare across nodes: "none", or the
+    snapshot's step and a hash of its bytes (two copies of one snapshot are equal)."""
+    if not os.path.isfile(path):
+        return "none"
+    with open(path, "rb") as f:
+        digest = hashlib.file_digest(f, "sha256").hexdigest()[:12]
+    try:
+        # mmap: the tensors stay on disk, only the small rest is read
+        step = torch.load(path, map_location="cpu", weights_only=True, mmap=True)["step"]
+    except Exception:
+        return f"unreadable, sha256 {digest}"
+    return f"step {step}, sha256 {digest}"

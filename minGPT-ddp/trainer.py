@@ -1,9 +1,15 @@
 """The training loop: data-parallel over ranks, with everything a real run needs:
 gradient accumulation, mixed precision, warmup + cosine learning rate, gradient clipping,
 evaluation averaged over ranks, logs (text, JSONL, progress bar) and snapshots to resume from.
+
+Two strategies (trainer.strategy): DDP keeps a whole copy of the model, its gradients and
+the AdamW state on every rank; FSDP (PyTorch's FSDP2, `fully_shard`) keeps 1/N of each on
+each of N ranks and gathers a block's weights only while that block computes.
 """
 import json
 import math
+import os
+import shutil
 import sys
 import time
 from contextlib import nullcontext
@@ -12,6 +18,11 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                     get_optimizer_state_dict, set_model_state_dict,
+                                                     set_optimizer_state_dict)
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
@@ -24,6 +35,7 @@ from model import GPT
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 LR_SCALINGS = ("none", "sqrt", "linear")
 RESUME_CHOICES = ("false", "true", "auto")
+STRATEGIES = ("ddp", "fsdp")
 
 
 @dataclass
@@ -51,30 +63,82 @@ class TrainerConfig:
     compile: bool = False
     seed: int = 1337
     peak_flops: Optional[float] = None  # FLOP/s of one device for MFU; None: data sheet or measured
+    strategy: str = "ddp"  # ddp: a whole copy on every rank | fsdp: weights, gradients, AdamW state sharded
+    timeout_minutes: float = 10.0  # how long a collective waits for the other ranks before it fails
+
+
+def config_error(message: str) -> SystemExit:
+    """A setting this run cannot use: one line (rank 0 says it; every rank checks alike), exit code 2."""
+    if os.environ.get("RANK", "0") == "0":
+        print(f"error: {message}", file=sys.stderr, flush=True)
+    return SystemExit(2)
 
 
 def check_config(cfg: TrainerConfig):
+    """What is wrong whatever the world size and hardware."""
     for key in ("max_iters", "batch_size", "grad_accum_steps", "eval_iters", "log_interval", "lr_base_world_size"):
         if getattr(cfg, key) < 1:
-            raise SystemExit(f"error: trainer.{key} must be at least 1, not {getattr(cfg, key)}")
+            raise config_error(f"trainer.{key} must be at least 1, not {getattr(cfg, key)}")
     for key in ("warmup_iters", "eval_interval"):
         if getattr(cfg, key) < 0:
-            raise SystemExit(f"error: trainer.{key} must not be negative, not {getattr(cfg, key)}")
-    if cfg.dtype not in ("auto", *DTYPES):
-        raise SystemExit(f"error: trainer.dtype must be one of auto, {', '.join(DTYPES)}; not {cfg.dtype!r}")
-    if cfg.lr_scaling not in LR_SCALINGS:
-        raise SystemExit(f"error: trainer.lr_scaling must be one of {', '.join(LR_SCALINGS)}; not {cfg.lr_scaling!r}")
+            raise config_error(f"trainer.{key} must not be negative, not {getattr(cfg, key)}")
+    if cfg.timeout_minutes <= 0:
+        raise config_error(f"trainer.timeout_minutes must be positive, not {cfg.timeout_minutes}")
+    for key, choices in (("dtype", ("auto", *DTYPES)), ("lr_scaling", LR_SCALINGS), ("strategy", STRATEGIES)):
+        if getattr(cfg, key) not in choices:
+            raise config_error(f"trainer.{key} must be one of {', '.join(choices)}; not {getattr(cfg, key)!r}")
     if cfg.resume.lower() not in RESUME_CHOICES:
-        raise SystemExit(f"error: trainer.resume must be one of {', '.join(RESUME_CHOICES)}; not {cfg.resume!r}")
+        raise config_error(f"trainer.resume must be one of {', '.join(RESUME_CHOICES)}; not {cfg.resume!r}")
     if cfg.resume.lower() != "false" and not cfg.snapshot_path:
-        raise SystemExit("error: trainer.resume needs a trainer.snapshot_path")
+        raise config_error("trainer.resume needs a trainer.snapshot_path")
+
+
+def check_setup(cfg: TrainerConfig, rt: ddp_setup.Runtime):
+    """What is wrong with this world size or this machine. Every rank decides alike, and stops at once."""
+    if cfg.strategy == "fsdp" and not rt.distributed:
+        raise config_error("trainer.strategy=fsdp shards the model over processes: start it with torchrun "
+                           "(torchrun --standalone --nproc-per-node 2 minGPT-ddp/main.py ...)")
+    if cfg.strategy == "fsdp" and cfg.eval_iters % rt.world_size:
+        # Every forward gathers weights from all ranks, so all ranks must run the same number of them.
+        raise config_error(f"trainer.strategy=fsdp needs the same number of validation batches on every rank: "
+                           f"trainer.eval_iters={cfg.eval_iters} is not a multiple of the world size {rt.world_size}")
+    if cfg.compile:
+        problem = compile_problem(rt.device.type)
+        if problem:
+            raise config_error(f"trainer.compile=true cannot work here: {problem}; use trainer.compile=false")
+
+
+def compile_problem(device_type: str) -> Optional[str]:
+    """Why torch.compile cannot run on this setup, or None."""
+    if not torch._dynamo.is_dynamo_supported():
+        return f"PyTorch {torch.__version__} cannot compile on Python {sys.version.split()[0]} on {sys.platform}"
+    if device_type == "cpu":  # the CPU backend compiles C++; GPUs use Triton instead
+        compiler = os.environ.get("CXX") or ("clang++" if sys.platform == "darwin" else "g++")
+        if shutil.which(compiler) is None:
+            return f"compiling for the CPU needs a C++ compiler and {compiler} (or $CXX) was not found"
+    return None
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if name == "auto":
-        gpu_has_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+        # including_emulation=False: a V100 or T4 "supports" bf16 only by emulating it, slowly.
+        gpu_has_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False)
         return torch.bfloat16 if gpu_has_bf16 else torch.float32  # most CPUs are slower in bf16
     return DTYPES[name]
+
+
+def shard(model: GPT, rt: ddp_setup.Runtime, dtype: torch.dtype) -> GPT:
+    """FSDP2: each block, then the rest (embeddings, final norm, head), becomes one unit whose weights
+    are split in N pieces, one per rank. A unit's forward and backward all-gather its weights first and
+    free them after; its gradients are reduce-scattered, so each rank keeps (and steps) 1/N of them.
+    Mixed precision: compute with bf16/fp16 copies of the weights, keep and reduce in float32."""
+    low_precision = dtype if dtype != torch.float32 else None
+    policy = MixedPrecisionPolicy(param_dtype=low_precision, reduce_dtype=torch.float32)
+    mesh = init_device_mesh(rt.device.type, (rt.world_size,))  # the shards go to this rank's device
+    for block in model.blocks:
+        fully_shard(block, mesh=mesh, mp_policy=policy)
+    fully_shard(model, mesh=mesh, mp_policy=policy)  # in place: model is now an FSDP module
+    return model
 
 
 def make_optimizer(model: GPT, cfg: TrainerConfig, lr: float):
@@ -92,10 +156,15 @@ class Trainer:
         self.tcfg = tcfg = cfg.trainer
         self.rt = rt
         self.data = data.to(rt.device)
-        self.raw_model = model.to(rt.device)  # the plain GPT: its state_dict has clean names
         self.dtype = resolve_dtype(tcfg.dtype, rt.device)
-        self.autocast = (nullcontext() if self.dtype == torch.float32
-                         else torch.autocast(rt.device.type, dtype=self.dtype))
+        self.fsdp = tcfg.strategy == "fsdp"
+        if self.fsdp:  # sharded before the optimizer exists: it must see (and step) the shards
+            self.raw_model = shard(model, rt, self.dtype)
+            self.autocast = nullcontext()  # the sharding's MixedPrecisionPolicy casts instead
+        else:
+            self.raw_model = model.to(rt.device)  # the plain GPT: its state_dict has clean names
+            self.autocast = (nullcontext() if self.dtype == torch.float32
+                             else torch.autocast(rt.device.type, dtype=self.dtype))
         if rt.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True  # float32 matmuls on tensor cores
             torch.backends.cudnn.allow_tf32 = True
@@ -121,7 +190,7 @@ class Trainer:
         self.model = torch.compile(self.raw_model) if tcfg.compile else self.raw_model
         self.ddp_model = (DDP(self.model, device_ids=[rt.device.index] if rt.device.type != "cpu" else None,
                               gradient_as_bucket_view=True)  # grads live in DDP's buckets: one copy fewer
-                          if rt.distributed else None)
+                          if rt.distributed and not self.fsdp else None)
         self.tokens_per_step = tcfg.batch_size * model.cfg.block_size * tcfg.grad_accum_steps * rt.world_size
         self.flops_per_step = self.raw_model.flops_per_token() * self.tokens_per_step
         self.peak_flops, self.peak_source = mfu.peak_flops(rt.device, self.dtype, tcfg.peak_flops)
@@ -141,6 +210,19 @@ class Trainer:
     def train_step(self, it: int) -> torch.Tensor:
         """One optimizer step over grad_accum_steps micro-batches; returns this rank's mean loss
         (a tensor, so the caller decides when to pay for a device->host copy)."""
+        loss = self.accumulate_gradients(it)
+        self.optimizer_step()
+        return loss
+
+    def gradient_sync(self, enabled: bool):
+        """Gradients are averaged across ranks during backward() (DDP: all-reduce; FSDP: reduce-scatter).
+        Before the last micro-step they are still accumulating, so that traffic is wasted: skip it."""
+        if self.fsdp:
+            self.raw_model.set_requires_gradient_sync(enabled)
+            return nullcontext()
+        return nullcontext() if enabled or self.ddp_model is None else self.ddp_model.no_sync()
+
+    def accumulate_gradients(self, it: int) -> torch.Tensor:
         tcfg, rt = self.tcfg, self.rt
         for group in self.optimizer.param_groups:
             group["lr"] = self.lr_at(it)
@@ -151,23 +233,22 @@ class Trainer:
         for micro_step in range(tcfg.grad_accum_steps):
             x, y = self.data.train_batch(it, tcfg.seed, tcfg.batch_size, micro_step, tcfg.grad_accum_steps,
                                          rt.rank, rt.world_size)
-            last = micro_step == tcfg.grad_accum_steps - 1
-            # DDP averages gradients across ranks during backward(). Before the last micro-step
-            # that traffic is wasted (the gradients are still accumulating), so skip it.
-            sync = nullcontext() if last or self.ddp_model is None else self.ddp_model.no_sync()
-            with sync:
+            with self.gradient_sync(enabled=micro_step == tcfg.grad_accum_steps - 1):
                 with self.autocast:
                     _, loss = train_model(x, y)
                 loss = loss / tcfg.grad_accum_steps  # so the accumulated gradient is a mean
                 self.scaler.scale(loss).backward()
             loss_sum += loss.detach()
+        return loss_sum
+
+    def optimizer_step(self):
+        tcfg = self.tcfg
         if tcfg.grad_clip > 0:
             self.scaler.unscale_(self.optimizer)  # clip the true gradients, not the fp16-scaled ones
             torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), tcfg.grad_clip)
         self.scaler.step(self.optimizer)  # skips the step if fp16 gradients overflowed
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
-        return loss_sum
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -189,21 +270,38 @@ class Trainer:
         return total.item() / self.rt.world_size
 
     # ---- snapshots -----------------------------------------------------------------------
+    # One file whatever the strategy: whole tensors under the model's own names, so sample.py reads it
+    # and a run resumes it under DDP or FSDP, on any number of ranks. The state_dict helpers of
+    # torch.distributed.checkpoint gather the shards for it and split them again on the way back.
+    def full_state(self) -> tuple:
+        """(model weights, AdamW state) as whole tensors on rank 0's CPU ({} elsewhere).
+        Every rank must call it: under FSDP it gathers the shards."""
+        options = (StateDictOptions(full_state_dict=True, cpu_offload=True) if self.rt.distributed
+                   else StateDictOptions())
+        return (get_model_state_dict(self.raw_model, options=options),
+                get_optimizer_state_dict(self.raw_model, self.optimizer, options=options))
+
     def save_snapshot(self):
-        state = {
-            "model": self.raw_model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),  # AdamW moments: needed to resume exactly
-            "scaler": self.scaler.state_dict(),
-            "step": self.step,
-            "elapsed_s": self.elapsed_s,
-            "config": asdict(self.cfg),
-            "vocab": self.data.vocab.chars,
-        }
-        snapshot.save_atomically(state, self.tcfg.snapshot_path)
+        """Every rank calls it; rank 0 alone writes, so there is one snapshot and one resume point."""
+        model_state, optimizer_state = self.full_state()
+        if self.rt.is_main:
+            snapshot.save_atomically({
+                "model": model_state,
+                "optimizer": optimizer_state,  # AdamW moments: needed to resume exactly
+                "scaler": self.scaler.state_dict(),
+                "step": self.step,
+                "elapsed_s": self.elapsed_s,
+                "config": asdict(self.cfg),
+                "vocab": self.data.vocab.chars,
+            }, self.tcfg.snapshot_path)
 
     def _restore(self, state: dict):
-        self.raw_model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        """Rank 0 holds the snapshot's tensors and sends them: each rank keeps what it needs (under FSDP,
+        its shards). The other ranks pass state without "model" and "optimizer"."""
+        options = (StateDictOptions(full_state_dict=True, broadcast_from_rank0=True) if self.rt.distributed
+                   else StateDictOptions())
+        set_model_state_dict(self.raw_model, state.get("model", {}), options=options)
+        set_optimizer_state_dict(self.raw_model, self.optimizer, state.get("optimizer", {}), options=options)
         self.scaler.load_state_dict(state["scaler"])
         self.step = state["step"]
         self.elapsed_s = state.get("elapsed_s", 0.0)
@@ -247,8 +345,7 @@ class Trainer:
                 self.elapsed_s = elapsed_before + time.perf_counter() - run_start
                 self.say(f"eval | iter {it} | val loss {self.last_val_loss:.4f}")
                 self.record(iter=it, val_loss=self.last_val_loss, elapsed_s=round(self.elapsed_s, 3))
-                if tcfg.snapshot_path and it > 0 and rt.local_rank == 0:
-                    # Each node keeps its own copy: a resume needs no shared file system.
+                if tcfg.snapshot_path and it > 0:
                     self.save_snapshot()
                 window_start, window_steps = time.perf_counter(), 0
             if it == tcfg.max_iters:

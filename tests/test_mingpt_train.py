@@ -4,11 +4,14 @@ A tiny model (2 layers, 32 wide) on the default corpus (Python's own sources: no
 download) trains a few dozen steps in seconds on one CPU core per rank.
 """
 import json
+import shutil
+import subprocess
 import sys
 
 import pytest
+import torch
 
-from conftest import REPO, TINY_GPT, free_port, run, torchrun
+from conftest import REPO, TINY_GPT, aborted_only_at_exit, cpu_env, free_port, run, torchrun
 
 MAIN = REPO / "minGPT-ddp" / "main.py"
 SAMPLE = REPO / "minGPT-ddp" / "sample.py"
@@ -33,11 +36,12 @@ def train_losses(tmp_path, name):
 
 @pytest.fixture(scope="module")
 def ddp_and_accumulation(tmp_path_factory):
-    """The same 30 steps twice: 2 ranks x 8 sequences, and 1 process x 2 micro-steps x 8 sequences."""
+    """The same 30 steps twice, dropout 0: 2 ranks x 2 micro-steps x 8 sequences (DDP skips the all-reduce
+    on the first micro-step), and 1 process x 4 micro-steps x 8 sequences."""
     tmp_path = tmp_path_factory.mktemp("mingpt")
-    two_ranks = run(torchrun(2, "minGPT-ddp/main.py", *TINY, "trainer.max_iters=30", *outputs(tmp_path, "ddp")),
-                    cwd=tmp_path)
-    one_rank = run([sys.executable, MAIN, *TINY, "trainer.max_iters=30", "trainer.grad_accum_steps=2",
+    two_ranks = run(torchrun(2, "minGPT-ddp/main.py", *TINY, "trainer.max_iters=30", "trainer.grad_accum_steps=2",
+                             *outputs(tmp_path, "ddp")), cwd=tmp_path)
+    one_rank = run([sys.executable, MAIN, *TINY, "trainer.max_iters=30", "trainer.grad_accum_steps=4",
                     *outputs(tmp_path, "accum")], cwd=tmp_path)
     return tmp_path, two_ranks, one_rank
 
@@ -52,10 +56,14 @@ def test_two_ranks_train_and_loss_falls(ddp_and_accumulation):
 
 
 def test_two_ranks_match_one_rank_with_the_same_global_batch(ddp_and_accumulation):
+    """2 ranks x 2 accumulation steps = 1 rank x 4: the same 32 sequences per step, the same mean gradient.
+    Only the order of float32 sums differs (a few ulps): losses within 2e-4, weights within 1e-5."""
     tmp_path, _, one_rank = ddp_and_accumulation
-    assert "world_size 1" in one_rank.stdout
+    assert "world_size 1" in one_rank.stdout and "x 4 micro-steps x 1 ranks" in one_rank.stdout
     assert val_losses(tmp_path, "ddp") == pytest.approx(val_losses(tmp_path, "accum"), abs=2e-4)
     assert train_losses(tmp_path, "ddp") == pytest.approx(train_losses(tmp_path, "accum"), abs=2e-4)
+    two, one = (torch.load(tmp_path / f"{name}.pt", weights_only=True)["model"] for name in ("ddp", "accum"))
+    assert max((two[k] - one[k]).abs().max().item() for k in two) < 1e-5
 
 
 def test_every_rank_has_the_same_data_and_validation_loss_is_averaged(ddp_and_accumulation):
@@ -113,6 +121,70 @@ def test_bad_input_is_one_clear_line(tmp_path, args, expected):
     assert line.startswith(expected)
     if "unknown" in line:
         assert "trainer.max_iters" in line  # the valid keys are listed
+
+
+def test_float16_cannot_resume_a_float32_snapshot(ddp_and_accumulation, tmp_path):
+    """A float32 run has no gradient-scaler state for float16 to continue with: one line, exit code 2."""
+    shutil.copy(ddp_and_accumulation[0] / "accum.pt", tmp_path / "fp32.pt")
+    proc = run([sys.executable, MAIN, *TINY, "trainer.max_iters=40", "trainer.resume=true", "trainer.dtype=float16",
+                *outputs(tmp_path, "fp32")], cwd=tmp_path, check=False)
+    assert proc.returncode == 2
+    line = one_error_line(proc)
+    assert line.startswith(f"error: trainer.dtype=float16 cannot resume snapshot {tmp_path / 'fp32.pt'}: "
+                           "it was trained with trainer.dtype=float32")
+    assert "resume with trainer.dtype=float32 or bfloat16" in proc.stderr
+
+
+def two_nodes(tmp_path, snapshots: dict, *args, timeout=150):
+    """Two torchrun "nodes" on this machine (c10d rendezvous on 127.0.0.1, one rank each), each in its own
+    folder with its own disk's view: snapshots maps folder name -> snapshot file to put at node.pt there."""
+    endpoint = f"127.0.0.1:{free_port()}"
+    procs = {}
+    for node_rank, (name, source) in enumerate(snapshots.items()):
+        folder = tmp_path / name
+        folder.mkdir()
+        if source is not None:
+            shutil.copy(source, folder / "node.pt")
+        cmd = torchrun(1, "minGPT-ddp/main.py", *TINY, *args, "trainer.snapshot_path=node.pt",
+                       "trainer.log_file=node.jsonl", "trainer.timeout_minutes=0.5", standalone=False,
+                       extra=["--nnodes", "2", "--node-rank", str(node_rank), "--rdzv-backend", "c10d",
+                              "--rdzv-endpoint", endpoint])
+        procs[name] = subprocess.Popen([str(c) for c in cmd], cwd=folder, env=cpu_env(), stdout=subprocess.PIPE,
+                                       stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
+    results = {}
+    try:
+        for name, proc in procs.items():
+            stdout, stderr = proc.communicate(timeout=timeout)  # a hang fails here
+            results[name] = subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+    finally:
+        for proc in procs.values():
+            proc.kill()
+    return results
+
+
+def test_nodes_with_different_snapshots_stop_in_one_line(ddp_and_accumulation, tmp_path):
+    """Each node's disk holds another snapshot (both at step 30, different runs): resuming would train
+    the ranks from different points and diverge silently; every rank stops instead, saying why."""
+    folder = ddp_and_accumulation[0]
+    results = two_nodes(tmp_path, {"a": folder / "ddp.pt", "b": folder / "accum.pt"}, "trainer.max_iters=40",
+                        "trainer.resume=auto")
+    for name, proc in results.items():
+        assert proc.returncode != 0, name
+        errors = [line for line in proc.stderr.splitlines() if " error: " in line]
+        assert len(errors) == 1, (name, proc.stderr)
+        assert "error: the nodes see different snapshots at node.pt (rank 0: step 30, sha256 " in errors[0]
+        assert "rank 1: step 30, sha256 " in errors[0]
+        assert "iter " not in proc.stdout and not (tmp_path / name / "node.jsonl").exists()
+
+
+def test_nodes_with_the_same_snapshot_resume_together(ddp_and_accumulation, tmp_path):
+    snapshot = ddp_and_accumulation[0] / "ddp.pt"
+    results = two_nodes(tmp_path, {"a": snapshot, "b": snapshot}, "trainer.max_iters=35", "trainer.resume=auto",
+                        "trainer.lr_decay_iters=30", "trainer.grad_accum_steps=2")
+    for name, proc in results.items():  # (or the Gloo exit abort after the run: see conftest.EXIT_ABORT)
+        assert proc.returncode == 0 or aborted_only_at_exit(proc), (name, proc.stderr[-3000:])
+    stdout = "".join(proc.stdout for proc in results.values())
+    assert "resuming from node.pt at step 30" in stdout and "Finished training: steps 30-35" in stdout
 
 
 def test_corrupt_snapshot_is_one_clear_line(tmp_path):
