@@ -280,7 +280,7 @@ def main(args):
     say(f"Done: {len(args.demo)} of {len(DEMOS)} demos on world_size {dist.get_world_size()}"
         + (f" (the other {left}: --demo all, or --demo NAME)" if left else ""))
     # Wait for every rank before tearing down. While a rank waits here, Gloo's threads finish with its last
-    # collective; one still holding our tensor when Python shuts down aborts the process (pytorch/pytorch#179291).
+    # collective; one still holding our tensor when Python shuts down aborts the process (a PyTorch bug; see the README, troubleshooting).
     dist.barrier()
     dist.destroy_process_group()
 

@@ -80,7 +80,7 @@ def torchrun_cmd(nproc: int, script, *args) -> list:
             str(script_path(script)), *map(str, args)]
 
 
-# A PyTorch bug at interpreter exit (pytorch/pytorch#179291; the README's troubleshooting has it): a Gloo thread
+# A PyTorch bug at interpreter exit (the README.s troubleshooting has it): a Gloo thread
 # can abort a process (SIGABRT) after it has finished its work and written its files.
 EXIT_ABORT = "terminate called without an active exception"
 
@@ -102,7 +102,7 @@ def run(cmd, timeout: int = 300, show: int = 3, env=None, cwd=None, check: bool 
     proc = subprocess.run(cmd, cwd=cwd or SCRATCH, env=env or worker_env(), capture_output=True, text=True,
                           timeout=timeout, stdin=subprocess.DEVNULL)
     if check and proc.returncode != 0 and aborted_after_finishing(proc, finished):
-        print("  (a process aborted at exit after it had finished: the PyTorch/Gloo bug pytorch/pytorch#179291; "
+        print("  (a process aborted at exit after it had finished: the PyTorch/Gloo exit bug in the README.s troubleshooting; "
               "its results are complete)")
     elif check and proc.returncode != 0:
         raise RuntimeError(f"exit code {proc.returncode}: {' '.join(cmd)}\n--- stdout ---\n{proc.stdout[-3000:]}"

@@ -53,7 +53,7 @@ def test_readme_block_runs(tmp_path, readme, block, traceback_expected):
 
     proc = run_block(tmp_path / "first")
     if proc.returncode != 0 and aborted_only_at_exit(proc):  # PyTorch's exit abort (see conftest): once more
-        warnings.warn(f"README block hit the Gloo exit abort (pytorch/pytorch#179291); running it again: {block}")
+        warnings.warn(f"README block hit the Gloo exit abort (see README, troubleshooting); running it again: {block}")
         proc = run_block(tmp_path / "again")
     assert proc.returncode == 0, f"{block}\n--- stdout ---\n{proc.stdout[-3000:]}\n--- stderr ---\n{proc.stderr[-3000:]}"
     if not traceback_expected:
