@@ -4,8 +4,11 @@
 
 The schema is the three dataclasses below; omegaconf checks types against them. A key
 that is not in the schema stops the run with the list of valid keys: a typo must not
-silently train with the default.
+silently train with the default. validate() then checks that every value is in its range.
+Every mistake ends the same way: one line `error: ...` and exit code 2, before any process
+waits for another.
 """
+import operator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -15,7 +18,8 @@ from omegaconf.errors import OmegaConfBaseException
 
 from char_dataset import DataConfig
 from model import ModelConfig
-from trainer import TrainerConfig, check_config
+import trainer
+from trainer import TrainerConfig, config_error
 
 HERE = Path(__file__).resolve().parent
 
@@ -49,8 +53,8 @@ def reject_unknown_keys(tree: dict, where: str):
         if key not in valid:
             section = key.split(".")[0]
             same_section = [k for k in valid if k.startswith(section + ".")]
-            raise SystemExit(f"error: unknown config key '{key}' ({where}); valid keys: "
-                             f"{', '.join(same_section or valid)}")
+            raise config_error(f"unknown config key '{key}' ({where}); valid keys: "
+                               f"{', '.join(same_section or valid)}")
 
 
 def split_args(args: list):
@@ -58,7 +62,7 @@ def split_args(args: list):
     config_path, overrides = None, []
     for arg in args:
         if "=" not in arg or arg.startswith("-"):
-            raise SystemExit(f"error: expected KEY=VALUE, got '{arg}' (see --help)")
+            raise config_error(f"expected KEY=VALUE, got '{arg}' (see --help)")
         if arg.startswith("config="):
             config_path = arg.split("=", 1)[1]
         else:
@@ -73,12 +77,12 @@ def load(args: list):
     try:
         from_file = OmegaConf.load(config_path)
     except FileNotFoundError:
-        raise SystemExit(f"error: config file {config_path} not found") from None
+        raise config_error(f"config file {config_path} not found") from None
     except Exception as e:  # yaml syntax
-        raise SystemExit(f"error: cannot parse config file {config_path}: {str(e).splitlines()[0]}") from None
+        raise config_error(f"cannot parse config file {config_path}: {str(e).splitlines()[0]}") from None
     file_tree = OmegaConf.to_container(from_file) or {}
     if not isinstance(file_tree, dict):
-        raise SystemExit(f"error: config file {config_path} must hold a mapping of sections")
+        raise config_error(f"config file {config_path} must hold a mapping of sections")
     reject_unknown_keys(file_tree, f"in {config_path}")
     # A data path written in a yaml file is relative to that file, so the config works from any directory.
     data_path = file_tree.get("data", {}).get("path")
@@ -87,19 +91,64 @@ def load(args: list):
     try:
         from_command_line = OmegaConf.from_dotlist(overrides)
     except OmegaConfBaseException as e:
-        raise SystemExit(f"error: cannot parse overrides {' '.join(overrides)}: {str(e).splitlines()[0]}") from None
+        raise config_error(f"cannot parse overrides {' '.join(overrides)}: {str(e).splitlines()[0]}") from None
     reject_unknown_keys(OmegaConf.to_container(from_command_line), "on the command line")
     try:
         merged = OmegaConf.merge(OmegaConf.structured(Config), from_file, from_command_line)
         cfg = OmegaConf.to_object(merged)
     except OmegaConfBaseException as e:  # a value of the wrong type
         key = getattr(e, "full_key", None) or "?"
-        raise SystemExit(f"error: bad value for config key {key}: {str(e).splitlines()[0]}") from None
-    if cfg.model.n_embd % cfg.model.n_head != 0:
-        raise SystemExit(f"error: model.n_embd ({cfg.model.n_embd}) must be a multiple of "
-                         f"model.n_head ({cfg.model.n_head})")
-    check_config(cfg.trainer)
+        raise config_error(f"bad value for config key {key}: {str(e).splitlines()[0]}") from None
+    validate(cfg)
     return cfg, config_path, overrides
+
+
+def validate(cfg: Config):
+    """Every value in its range, or one line naming the key and the range (exit code 2).
+
+    The rules run in order, so a rule may rely on the keys checked above it (n_head >= 1 before
+    n_embd % n_head). Without them a bad value trains nonsense: model.block_size=0 gives NaN
+    losses and exits 0, trainer.beta2=1.5 makes AdamW diverge.
+    """
+    m, t = cfg.model, cfg.trainer
+    rules = (  # key, test of its value, the allowed range in words
+        ("model.n_layer", lambda v: v >= 1, "at least 1"),
+        ("model.n_head", lambda v: v >= 1, "at least 1"),
+        ("model.n_embd", lambda v: v >= 1, "at least 1"),
+        ("model.n_embd", lambda v: v % m.n_head == 0, f"a multiple of model.n_head ({m.n_head})"),
+        ("model.block_size", lambda v: v >= 1, "at least 1"),
+        ("model.dropout", lambda v: 0 <= v < 1, "in [0, 1)"),
+        ("data.train_fraction", lambda v: 0 < v < 1, "between 0 and 1"),
+        ("trainer.max_iters", lambda v: v >= 1, "at least 1"),
+        ("trainer.batch_size", lambda v: v >= 1, "at least 1"),
+        ("trainer.grad_accum_steps", lambda v: v >= 1, "at least 1"),
+        ("trainer.learning_rate", lambda v: v > 0, "positive"),
+        ("trainer.min_lr", lambda v: v is None or 0 <= v <= t.learning_rate,
+         f"null (learning_rate / 10) or between 0 and trainer.learning_rate ({t.learning_rate})"),
+        ("trainer.warmup_iters", lambda v: v >= 0, "0 or more"),
+        ("trainer.lr_decay_iters", lambda v: v is None or v >= 1, "null (trainer.max_iters) or at least 1"),
+        ("trainer.lr_decay_iters", lambda v: v is None or v >= t.warmup_iters,
+         f"null or at least trainer.warmup_iters ({t.warmup_iters}), for the decay follows the warmup"),
+        ("trainer.lr_scaling", lambda v: v in trainer.LR_SCALINGS, f"one of {', '.join(trainer.LR_SCALINGS)}"),
+        ("trainer.lr_base_world_size", lambda v: v >= 1, "at least 1"),
+        ("trainer.weight_decay", lambda v: v >= 0, "0 or more"),
+        ("trainer.beta1", lambda v: 0 <= v < 1, "in [0, 1)"),
+        ("trainer.beta2", lambda v: 0 <= v < 1, "in [0, 1)"),
+        ("trainer.grad_clip", lambda v: v >= 0, "0 (no clipping) or more"),
+        ("trainer.eval_interval", lambda v: v >= 0, "0 (only at the end) or more"),
+        ("trainer.eval_iters", lambda v: v >= 1, "at least 1"),
+        ("trainer.log_interval", lambda v: v >= 1, "at least 1"),
+        ("trainer.resume", lambda v: v.lower() in trainer.RESUME_CHOICES, f"one of {', '.join(trainer.RESUME_CHOICES)}"),
+        ("trainer.resume", lambda v: v.lower() == "false" or t.snapshot_path, "false without a trainer.snapshot_path"),
+        ("trainer.dtype", lambda v: v in ("auto", *trainer.DTYPES), f"one of auto, {', '.join(trainer.DTYPES)}"),
+        ("trainer.peak_flops", lambda v: v is None or v > 0, "null (data sheet or measured) or positive"),
+        ("trainer.strategy", lambda v: v in trainer.STRATEGIES, f"one of {', '.join(trainer.STRATEGIES)}"),
+        ("trainer.timeout_minutes", lambda v: v > 0, "positive"),
+    )
+    for key, ok, allowed in rules:
+        value = operator.attrgetter(key)(cfg)
+        if not ok(value):
+            raise config_error(f"{key}={value}: must be {allowed}")
 
 
 def as_yaml(cfg: Config) -> str:

@@ -136,10 +136,12 @@ class GPT(nn.Module):
     @torch.no_grad()
     def generate(self, idx, max_new_tokens: int, temperature: float = 1.0, top_k=None, generator=None):
         """Append max_new_tokens sampled tokens to idx (batch, seq); returns the longer tensor."""
+        if temperature <= 0 or (top_k is not None and top_k < 1):
+            raise ValueError(f"temperature must be above 0 and top_k at least 1, not {temperature} and {top_k}")
         for _ in range(max_new_tokens):
             context = idx[:, -self.cfg.block_size:]  # the model can't look further back than this
             logits, _ = self(context)
-            logits = logits[:, -1, :] / max(temperature, 1e-6)
+            logits = logits[:, -1, :] / temperature
             if top_k is not None:
                 kth_best = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
                 logits[logits < kth_best] = -float("inf")

@@ -32,21 +32,28 @@ def main():
                         help="snapshot written by main.py (default: %(default)s, main.py's default)")
     parser.add_argument("--prompt", default="\n", help="text to continue (default: a newline)")
     parser.add_argument("--max-new-tokens", type=int, default=500)
-    parser.add_argument("--temperature", type=float, default=0.8, help="below 1: safer, above 1: wilder")
-    parser.add_argument("--top-k", type=int, default=None, help="sample only among the k likeliest characters")
+    parser.add_argument("--temperature", type=float, default=0.8,
+                        help="above 0; below 1: safer, above 1: wilder (default: %(default)s)")
+    parser.add_argument("--top-k", type=int, default=None, help="sample only among the k likeliest characters (k >= 1)")
     parser.add_argument("--num-samples", type=int, default=1)
     parser.add_argument("--seed", type=int, default=1337)
     args = parser.parse_args()
-    if args.max_new_tokens < 1 or args.num_samples < 1:
-        raise SystemExit("error: --max-new-tokens and --num-samples must be at least 1")
+    # Bad flags: one line and exit code 2, before the snapshot is read.
+    for flag, value, ok, allowed in (
+            ("--max-new-tokens", args.max_new_tokens, args.max_new_tokens >= 1, "at least 1"),
+            ("--num-samples", args.num_samples, args.num_samples >= 1, "at least 1"),
+            ("--temperature", args.temperature, args.temperature > 0, "above 0 (it divides the logits)"),
+            ("--top-k", args.top_k, args.top_k is None or args.top_k >= 1, "at least 1")):
+        if not ok:
+            raise config.config_error(f"{flag} must be {allowed}, not {value}")
+    if args.prompt == "":
+        raise config.config_error("--prompt is empty; give at least one character")
 
     model, vocab, step = load_model(args.snapshot)
     try:
         prompt = vocab.encode(args.prompt)
     except ValueError as e:
-        raise SystemExit(f"error: --prompt has {e}") from None
-    if len(prompt) == 0:
-        raise SystemExit("error: empty --prompt; give at least one character")
+        raise config.config_error(f"--prompt has {e}") from None
     generator = torch.Generator().manual_seed(args.seed)
     print(f"# {args.snapshot}: step {step}, {len(vocab)} characters, {model.num_params() / 1e6:.2f}M parameters")
     for i in range(args.num_samples):

@@ -74,25 +74,6 @@ def config_error(message: str) -> SystemExit:
     return SystemExit(2)
 
 
-def check_config(cfg: TrainerConfig):
-    """What is wrong whatever the world size and hardware."""
-    for key in ("max_iters", "batch_size", "grad_accum_steps", "eval_iters", "log_interval", "lr_base_world_size"):
-        if getattr(cfg, key) < 1:
-            raise config_error(f"trainer.{key} must be at least 1, not {getattr(cfg, key)}")
-    for key in ("warmup_iters", "eval_interval"):
-        if getattr(cfg, key) < 0:
-            raise config_error(f"trainer.{key} must not be negative, not {getattr(cfg, key)}")
-    if cfg.timeout_minutes <= 0:
-        raise config_error(f"trainer.timeout_minutes must be positive, not {cfg.timeout_minutes}")
-    for key, choices in (("dtype", ("auto", *DTYPES)), ("lr_scaling", LR_SCALINGS), ("strategy", STRATEGIES)):
-        if getattr(cfg, key) not in choices:
-            raise config_error(f"trainer.{key} must be one of {', '.join(choices)}; not {getattr(cfg, key)!r}")
-    if cfg.resume.lower() not in RESUME_CHOICES:
-        raise config_error(f"trainer.resume must be one of {', '.join(RESUME_CHOICES)}; not {cfg.resume!r}")
-    if cfg.resume.lower() != "false" and not cfg.snapshot_path:
-        raise config_error("trainer.resume needs a trainer.snapshot_path")
-
-
 def check_setup(cfg: TrainerConfig, rt: ddp_setup.Runtime):
     """What is wrong with this world size or this machine. Every rank decides alike, and stops at once."""
     if cfg.strategy == "fsdp" and not rt.distributed:

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import warnings
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -93,6 +94,25 @@ def load_script(filename: str):
     sys.modules[name] = module
     spec.loader.exec_module(module)
     return module
+
+
+# minGPT-ddp's modules have plain names (model, trainer, ...) that another folder's tests
+# may use too: import ours fresh and put back whatever was there afterwards.
+MINGPT_MODULES = ("model", "char_dataset", "config", "trainer", "ddp_setup", "mfu", "snapshot")
+
+
+@pytest.fixture(scope="module")
+def mingpt():
+    """minGPT-ddp's model, char_dataset and config modules, imported in this process."""
+    saved = {name: sys.modules.pop(name) for name in MINGPT_MODULES if name in sys.modules}
+    sys.path.insert(0, str(REPO / "minGPT-ddp"))
+    try:
+        yield SimpleNamespace(**{name: importlib.import_module(name) for name in ("model", "char_dataset", "config")})
+    finally:
+        sys.path.remove(str(REPO / "minGPT-ddp"))
+        for name in MINGPT_MODULES:
+            sys.modules.pop(name, None)
+        sys.modules.update(saved)
 
 
 @pytest.fixture

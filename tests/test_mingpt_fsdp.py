@@ -137,7 +137,7 @@ def one_error_line(proc) -> str:
 
 @pytest.mark.parametrize("args, env, expected", [
     (["trainer.strategy=fsdp"], {}, "error: trainer.strategy=fsdp shards the model over processes: start it with"),
-    (["trainer.strategy=zero"], {}, "error: trainer.strategy must be one of ddp, fsdp"),
+    (["trainer.strategy=zero"], {}, "error: trainer.strategy=zero: must be one of ddp, fsdp"),
     (["trainer.compile=true"], {"CXX": "/nonexistent/g++"},
      "error: trainer.compile=true cannot work here: compiling for the CPU needs a C++ compiler"),
 ])
@@ -145,6 +145,7 @@ def test_bad_combinations_are_one_line_and_exit_2(tmp_path, args, env, expected)
     proc = run([sys.executable, MAIN, *TINY, *args, f"trainer.log_file={tmp_path / 'log.jsonl'}"], cwd=tmp_path,
                env=cpu_env(**env), check=False)
     assert one_error_line(proc).startswith(expected)
+    assert proc.returncode == 2
 
 
 def test_fsdp_with_a_world_size_the_config_cannot_use(tmp_path):

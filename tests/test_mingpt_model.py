@@ -1,32 +1,7 @@
 """minGPT-ddp's model and data, in this process: causality, weight tying, generation,
 the train/validation split and how batches are shared out among ranks."""
-import importlib
-import sys
-from types import SimpleNamespace
-
 import pytest
 import torch
-
-from conftest import REPO
-
-MINGPT = REPO / "minGPT-ddp"
-# minGPT-ddp's modules have plain names (model, trainer, ...) that another folder's tests
-# may use too: import ours fresh and put back whatever was there afterwards.
-MODULE_NAMES = ("model", "char_dataset", "config", "trainer", "ddp_setup", "mfu", "snapshot")
-
-
-@pytest.fixture(scope="module")
-def mingpt():
-    saved = {name: sys.modules.pop(name) for name in MODULE_NAMES if name in sys.modules}
-    sys.path.insert(0, str(MINGPT))
-    try:
-        yield SimpleNamespace(model=importlib.import_module("model"),
-                              char_dataset=importlib.import_module("char_dataset"))
-    finally:
-        sys.path.remove(str(MINGPT))
-        for name in MODULE_NAMES:
-            sys.modules.pop(name, None)
-        sys.modules.update(saved)
 
 
 def tiny_gpt(mingpt, vocab_size=50, block_size=16, dropout=0.0):

@@ -1,0 +1,78 @@
+"""minGPT-ddp's settings out of range: one line naming the key and what it allows, exit code 2.
+
+Without these checks a bad value trains nonsense instead of failing: model.block_size=0 gives
+NaN losses and exits 0, trainer.beta2=1.5 makes AdamW diverge. The checks run in this process
+(fast, one case per key); two runs as a learner starts them show there is no traceback either.
+"""
+import sys
+
+import pytest
+
+from conftest import REPO, run
+
+CPU_CFG = "config=" + str(REPO / "minGPT-ddp" / "cpu_cfg.yaml")
+
+BAD_SETTINGS = [  # override, what the one line must say
+    ("model.n_layer=0", "model.n_layer=0: must be at least 1"),
+    ("model.n_head=0", "model.n_head=0: must be at least 1"),
+    ("model.n_head=5", "model.n_embd=128: must be a multiple of model.n_head (5)"),
+    ("model.block_size=0", "model.block_size=0: must be at least 1"),
+    ("model.dropout=1.0", "model.dropout=1.0: must be in [0, 1)"),
+    ("data.train_fraction=1.0", "data.train_fraction=1.0: must be between 0 and 1"),
+    ("trainer.max_iters=0", "trainer.max_iters=0: must be at least 1"),
+    ("trainer.batch_size=0", "trainer.batch_size=0: must be at least 1"),
+    ("trainer.grad_accum_steps=0", "trainer.grad_accum_steps=0: must be at least 1"),
+    ("trainer.learning_rate=-1", "trainer.learning_rate=-1.0: must be positive"),
+    ("trainer.min_lr=0.1", "trainer.min_lr=0.1: must be null (learning_rate / 10) or between 0 and trainer.learning_rate (0.002)"),
+    ("trainer.warmup_iters=-1", "trainer.warmup_iters=-1: must be 0 or more"),
+    ("trainer.lr_decay_iters=-5", "trainer.lr_decay_iters=-5: must be null (trainer.max_iters) or at least 1"),
+    ("trainer.warmup_iters=500 trainer.lr_decay_iters=300",
+     "trainer.lr_decay_iters=300: must be null or at least trainer.warmup_iters (500), for the decay follows the warmup"),
+    ("trainer.beta2=1.5", "trainer.beta2=1.5: must be in [0, 1)"),
+    ("trainer.weight_decay=-0.1", "trainer.weight_decay=-0.1: must be 0 or more"),
+    ("trainer.grad_clip=-1", "trainer.grad_clip=-1.0: must be 0 (no clipping) or more"),
+    ("trainer.eval_iters=0", "trainer.eval_iters=0: must be at least 1"),
+    ("trainer.peak_flops=0", "trainer.peak_flops=0.0: must be null (data sheet or measured) or positive"),
+    ("trainer.lr_scaling=cubic", "trainer.lr_scaling=cubic: must be one of none, sqrt, linear"),
+    ("trainer.dtype=float8", "trainer.dtype=float8: must be one of auto, float32, bfloat16, float16"),
+    ("trainer.strategy=zero3", "trainer.strategy=zero3: must be one of ddp, fsdp"),
+    ("trainer.resume=maybe", "trainer.resume=maybe: must be one of false, true, auto"),
+    ("trainer.timeout_minutes=0", "trainer.timeout_minutes=0.0: must be positive"),
+]
+
+
+def test_cpu_config_itself_is_valid(mingpt):
+    """The base of every case below: so each failure comes from its one override alone."""
+    cfg, _, _ = mingpt.config.load([CPU_CFG])
+    assert (cfg.model.n_embd, cfg.model.n_head, cfg.trainer.learning_rate) == (128, 4, 2e-3)
+
+
+@pytest.mark.parametrize("override, message", BAD_SETTINGS, ids=[o for o, _ in BAD_SETTINGS])
+def test_bad_setting_is_one_line_and_exit_code_2(mingpt, capsys, override, message):
+    with pytest.raises(SystemExit) as stop:
+        mingpt.config.load([CPU_CFG, *override.split()])
+    assert stop.value.code == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert lines == [f"error: {message}"], lines
+
+
+def test_main_stops_before_training_without_a_traceback(tmp_path):
+    proc = run([sys.executable, REPO / "minGPT-ddp" / "main.py", CPU_CFG, "model.block_size=0"],
+               cwd=tmp_path, check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.splitlines() == ["error: model.block_size=0: must be at least 1"]
+    assert proc.stdout == ""  # nothing trained, nothing written
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--top-k", "0"], "error: --top-k must be at least 1, not 0"),
+    (["--top-k", "-3"], "error: --top-k must be at least 1, not -3"),
+    (["--temperature", "0"], "error: --temperature must be above 0 (it divides the logits), not 0.0"),
+    (["--max-new-tokens", "0"], "error: --max-new-tokens must be at least 1, not 0"),
+])
+def test_sample_flags_out_of_range(tmp_path, flags, message):
+    """Checked before the snapshot is read: no snapshot is needed to see the error."""
+    proc = run([sys.executable, REPO / "minGPT-ddp" / "sample.py", "--snapshot", tmp_path / "none.pt", *flags],
+               cwd=tmp_path, check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.splitlines() == [message]
