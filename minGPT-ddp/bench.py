@@ -196,10 +196,10 @@ def launch(nproc: int, threads, args, overrides, torchrun: bool = False) -> dict
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     results = [json.loads(line[len(RESULT_PREFIX):]) for line in proc.stdout.splitlines()
                if line.startswith(RESULT_PREFIX)]
-    # A PyTorch bug (pytorch/pytorch#179291) can abort a Gloo process at exit after it has printed its result.
+    # A PyTorch bug (README, troubleshooting) can abort a Gloo process at exit after it has printed its result.
     aborted_at_exit = "terminate called without an active exception" in proc.stderr
     if proc.returncode != 0 and results and aborted_at_exit:
-        print(f"(the {nproc}-rank run aborted at exit after reporting: pytorch/pytorch#179291; its result stands)")
+        print(f"(the {nproc}-rank run aborted at exit after reporting, a PyTorch bug at exit; its result stands)")
     elif proc.returncode != 0 or not results:
         errors = [line for line in proc.stderr.splitlines() if "error" in line.lower()] or proc.stderr.splitlines()
         raise SystemExit(f"error: the {nproc}-rank benchmark failed (exit {proc.returncode}): "

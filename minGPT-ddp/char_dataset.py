@@ -97,8 +97,6 @@ class CharData:
     """The encoded text split in two contiguous parts, and the batch draws for each."""
 
     def __init__(self, cfg: DataConfig, block_size: int):
-        if not 0.0 < cfg.train_fraction < 1.0:
-            raise SystemExit(f"error: data.train_fraction must be between 0 and 1, not {cfg.train_fraction}")
         text = read_text(cfg.path)
         self.source = cfg.path or "python standard library sources"
         self.vocab = CharVocab.from_text(text)
@@ -125,7 +123,12 @@ class CharData:
 
     def _windows(self, split: torch.Tensor, offsets: torch.Tensor):
         """Inputs are the windows at `offsets`, targets the same windows one character later."""
-        index = offsets.to(split.device)[:, None] + torch.arange(self.block_size + 1, device=split.device)
+        if split.device.type == "cuda":
+            # From pinned (page-locked) memory the copy is queued on the GPU and the CPU moves on; from
+            # ordinary memory it waits for the GPU to finish its queue, every batch. Only for CUDA: pinning
+            # would start a CUDA context in every CPU-only rank of a GPU machine.
+            offsets = offsets.pin_memory()
+        index = offsets.to(split.device, non_blocking=True)[:, None] + torch.arange(self.block_size + 1, device=split.device)
         window = split[index]
         return window[:, :-1], window[:, 1:]
 

@@ -18,8 +18,9 @@ import torch.distributed as dist
 # Which communication library a device type uses: NCCL between NVIDIA GPUs (XCCL between
 # Intel GPUs); Gloo between CPU processes.
 BACKENDS = {"cuda": "nccl", "xpu": "xccl"}
-# How long a collective may wait for its peers: a dead peer becomes an error, not a hang.
-TIMEOUT = timedelta(minutes=2)
+# How long a collective may wait for its peers: a dead peer becomes an error, not a hang. PyTorch's
+# default, 10 minutes: the other ranks wait this long while rank 0 writes a big snapshot.
+DEFAULT_TIMEOUT = timedelta(minutes=10)
 
 
 @dataclass
@@ -48,19 +49,29 @@ class Runtime:
 
 
 def pick_device(local_rank: int, local_world_size: int):
-    """Process `local_rank` gets this node's GPU number `local_rank`; without GPUs every process
-    uses the CPU and Gloo."""
+    """GPU number `local_rank` and its backend if this node has a GPU for every process; else every
+    process uses the CPU and Gloo (e.g. 2 processes on a laptop or a one-GPU notebook), as in the steps."""
+    if gpus_here() < local_world_size:
+        return torch.device("cpu"), "gloo"
+    accelerator = torch.accelerator.current_accelerator()
+    return torch.device(accelerator.type, local_rank), BACKENDS[accelerator.type]
+
+
+def gpus_here() -> int:
+    """GPUs this process can see (0 where the accelerator, if any, has no backend here)."""
     accelerator = torch.accelerator.current_accelerator(check_available=True)
-    if accelerator is not None and accelerator.type in BACKENDS:
-        gpus = torch.accelerator.device_count()
-        if local_world_size > gpus:  # every rank checks, so they all stop instead of some hanging
-            raise SystemExit(f"error: {local_world_size} processes on this node but only {gpus} GPU(s); "
-                             f"start at most {gpus} (--nproc-per-node {gpus})")
-        return torch.device(accelerator.type, local_rank), BACKENDS[accelerator.type]
-    return torch.device("cpu"), "gloo"
+    return torch.accelerator.device_count() if accelerator is not None and accelerator.type in BACKENDS else 0
 
 
-def start() -> Runtime:
+def usable_cores() -> int:
+    """The cores this process may run on: its CPU affinity, which taskset, Slurm or a container may
+    narrow and os.cpu_count() ignores (macOS and Windows have no affinity call)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def start(timeout: timedelta = DEFAULT_TIMEOUT) -> Runtime:
     # One write per printed line, so lines from several processes never mix mid-line (with
     # PYTHONUNBUFFERED=1, print() would otherwise write the text and its newline separately).
     sys.stdout.reconfigure(line_buffering=True, write_through=False)
@@ -74,28 +85,30 @@ def start() -> Runtime:
         # N processes sharing the CPU must not each start one thread per core. torchrun sets
         # OMP_NUM_THREADS=1 when it starts several; an OMP_NUM_THREADS you set yourself wins.
         if "OMP_NUM_THREADS" not in os.environ:
-            torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world_size))
+            torch.set_num_threads(max(1, usable_cores() // local_world_size))
     else:
         torch.accelerator.set_device_index(device.index)
     if not launched:
         return Runtime(0, 0, 1, device, None)
-    dist.init_process_group(backend, store=attempt_store(rank), rank=rank, world_size=world_size, timeout=TIMEOUT,
+    store = store_for_this_attempt(timeout)
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=timeout,
                             device_id=device if device.type != "cpu" else None)
     return Runtime(rank, local_rank, world_size, device, backend)
 
 
-def attempt_store(rank: int):
-    """The key-value store where the processes exchange addresses, with keys kept apart per torchrun attempt.
+def store_for_this_attempt(timeout: timedelta) -> dist.Store:
+    """env://'s key-value store (where the processes swap addresses), with keys of this attempt's own.
 
-    torchrun keeps one store for the whole job when it restarts the processes (--max-restarts),
-    and init_process_group writes the same keys on every attempt: a restarted process could
-    read the address a dead predecessor left there and fail with "Connection refused". A
-    prefix naming the attempt (TORCHELASTIC_RESTART_COUNT) gives every attempt its own keys.
+    torchrun keeps one store for the whole job when it restarts the processes (--max-restarts), and
+    init_process_group writes the same keys on every attempt: a restarted process can read an address
+    a dead predecessor left there and fail ("Connection refused"; pytorch/pytorch#135712). So every
+    process counts its rank's starts in the store, and its keys go under that number. torchrun restarts
+    all processes together, so every rank counts the same. (Not TORCHELASTIC_RESTART_COUNT: on several
+    nodes torchrun counts a restart only on the node whose process failed, and the nodes would disagree.)
     """
-    agent_hosts_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"  # else rank 0 hosts it
-    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
-                          is_master=rank == 0 and not agent_hosts_store, timeout=TIMEOUT)
-    return dist.PrefixStore(f"attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+    store, rank, _ = next(dist.rendezvous("env://", timeout=timeout))
+    attempt = store.add(f"ddp_setup/starts_of_rank_{rank}", 1)
+    return dist.PrefixStore(f"attempt_{attempt}", store)
 
 
 def stop(rt: Runtime):
@@ -104,7 +117,8 @@ def stop(rt: Runtime):
         if sys.exc_info()[0] is None:  # a failing rank must not wait for peers that may be gone
             # Wait for every rank before tearing down. While a rank waits here, Gloo's threads finish with its
             # last collective; a thread still holding one of our tensors when Python shuts down aborts the
-            # process ("terminate called without an active exception", a PyTorch bug: pytorch/pytorch#179291).
+            # process ("terminate called without an active exception": a PyTorch bug at exit, see the
+            # README's troubleshooting).
             dist.barrier()
         dist.destroy_process_group()
 

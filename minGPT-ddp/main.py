@@ -110,7 +110,8 @@ def main(args: list):
         check_setup(cfg.trainer, rt)  # settings this world size or this machine cannot run
         backend = rt.backend or "none (one process)"
         threads = f" | {torch.get_num_threads()} thread(s) per rank" if rt.device.type == "cpu" else ""
-        rt.print(f"device {rt.device.type} | backend {backend} | world_size {rt.world_size}{threads} | "
+        rt.print(f"device {rt.device.type} | backend {backend} | world_size {rt.world_size} | "
+                 f"GPUs here {ddp_setup.gpus_here()}{threads} | "
                  f"torch {torch.__version__}")
         rt.print(f"config {config_path}" + (f" | overrides {' '.join(overrides)}" if overrides else ""))
         # Every rank built vocabulary and split on its own: check they agree before training on them.

@@ -12,6 +12,7 @@ import torch
 # The first name that is part of torch.cuda.get_device_name() wins, so specific before general.
 GPU_PEAK_FLOPS = (
     ("H100 PCIe", 756e12),
+    ("H100 NVL", 835e12),
     ("H100", 989e12),
     ("H200", 989e12),
     ("A100", 312e12),
@@ -21,6 +22,8 @@ GPU_PEAK_FLOPS = (
 def measured_matmul_flops(device: torch.device, dtype: torch.dtype, size: int = 1024, seconds: float = 0.3) -> float:
     """What this process sustains on large square matmuls: the practical peak of a CPU
     (its data sheet peak depends on clock, vector units and cores we can't query portably)."""
+    if device.type == "cuda":
+        return measured_gpu_matmul_flops(device, dtype)
     a = torch.randn(size, size, device=device, dtype=dtype)
     b = torch.randn(size, size, device=device, dtype=dtype)
     for _ in range(2):
@@ -29,14 +32,30 @@ def measured_matmul_flops(device: torch.device, dtype: torch.dtype, size: int = 
     # The best of several: on a shared machine some repeats lose the CPU to other processes.
     while time.perf_counter() < deadline or repeats < 5:
         repeats += 1
-        if device.type == "cuda":
-            torch.cuda.synchronize()
         start = time.perf_counter()
         torch.mm(a, b)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
         best = max(best, 2 * size ** 3 / (time.perf_counter() - start))
     return best
+
+
+def measured_gpu_matmul_flops(device: torch.device, dtype: torch.dtype, size: int = 8192, seconds: float = 0.3) -> float:
+    """The same on a GPU, where one 1024^3 matmul timed from the host measures mostly the launch and the
+    synchronisation: big matmuls queued back to back, timed by the GPU itself (CUDA events)."""
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+
+    def time_matmuls(n: int) -> float:
+        start.record()
+        for _ in range(n):
+            torch.mm(a, b)
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1000  # milliseconds -> seconds
+
+    warm_up = time_matmuls(3)  # cuBLAS picks its kernel, the clocks ramp up; and how long one takes
+    repeats = max(3, min(50, int(seconds / (warm_up / 3))))  # a slow GPU needs fewer for a steady figure
+    return 2 * size ** 3 * repeats / time_matmuls(repeats)
 
 
 def peak_flops(device: torch.device, dtype: torch.dtype, override=None):

@@ -57,7 +57,7 @@ def fake_gpus(monkeypatch, count: int):
     monkeypatch.setattr(torch.accelerator, "device_count", lambda: count)
 
 
-@pytest.mark.parametrize("script", ["02_multigpu_mp_spawn.py", *TORCHRUN_STEPS])
+@pytest.mark.parametrize("script", ["02_multigpu_mp_spawn.py", *TORCHRUN_STEPS, "minGPT-ddp/ddp_setup.py"])
 @pytest.mark.parametrize("gpus,processes,expected", [
     (0, 2, ("cpu", "gloo")),   # a laptop
     (1, 1, ("cuda", "nccl")),  # a hosted notebook, one process

@@ -57,13 +57,16 @@ def test_two_ranks_train_and_loss_falls(ddp_and_accumulation):
 
 def test_two_ranks_match_one_rank_with_the_same_global_batch(ddp_and_accumulation):
     """2 ranks x 2 accumulation steps = 1 rank x 4: the same 32 sequences per step, the same mean gradient.
-    Only the order of float32 sums differs (a few ulps): losses within 2e-4, weights within 1e-5."""
+    Only the order of float32 sums differs, by a few ulps, and training amplifies that: the largest weight
+    difference measured 8e-9 after 3 steps, 1e-7 after 10, 6e-5 after 30. So losses within 2e-4 and weights
+    within 5e-4; a wrong batch or a wrong scale of the gradient moves weights by up to the learning rate
+    (3e-3) per step."""
     tmp_path, _, one_rank = ddp_and_accumulation
     assert "world_size 1" in one_rank.stdout and "x 4 micro-steps x 1 ranks" in one_rank.stdout
     assert val_losses(tmp_path, "ddp") == pytest.approx(val_losses(tmp_path, "accum"), abs=2e-4)
     assert train_losses(tmp_path, "ddp") == pytest.approx(train_losses(tmp_path, "accum"), abs=2e-4)
     two, one = (torch.load(tmp_path / f"{name}.pt", weights_only=True)["model"] for name in ("ddp", "accum"))
-    assert max((two[k] - one[k]).abs().max().item() for k in two) < 1e-5
+    assert max((two[k] - one[k]).abs().max().item() for k in two) < 5e-4
 
 
 def test_every_rank_has_the_same_data_and_validation_loss_is_averaged(ddp_and_accumulation):
