@@ -30,11 +30,11 @@
 #
 # Environment variables that change what it does (set them in front of sbatch: sbatch takes
 # your environment along to the job, e.g. `DEVICE=cpu NPROC_PER_NODE=4 sbatch slurm/sbatch_run.sh`):
-#   DEVICE          gpu, cpu or auto (default): auto uses the GPUs if nvidia-smi finds any
-#   NPROC_PER_NODE  processes per node; default: one per GPU, or 2 on CPU
+#   DEVICE          gpu, cpu or auto (default): auto uses GPUs if the job was given some (--gpus-per-node)
+#   NPROC_PER_NODE  processes per node; default: one per GPU the job has on a node, or 2 on CPU
 #   OMP_NUM_THREADS threads per process on CPU (default 1)
 #   RDZV_HOST       address of the rendezvous (default: the first node's address, from Slurm)
-#   RDZV_PORT       its port (default 20000 + job id % 20000: jobs running at once never share one)
+#   RDZV_PORT       its port (default 20000 + job id % 12000: jobs running at once never share one)
 #   LOCAL_ADDR      the address torchrun tells the other nodes to reach this node at
 #                   (default: its hostname). One value for all nodes, so it only makes sense
 #                   where all "nodes" are one machine: 127.0.0.1, the default when the
@@ -75,23 +75,38 @@ HEAD=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)
 HEAD_ADDR=$(scontrol show node "$HEAD" 2>/dev/null | sed -n 's/.*NodeAddr=\([^ ]*\).*/\1/p' | head -n1 || true)
 RDZV_HOST="${RDZV_HOST:-${HEAD_ADDR:-$HEAD}}"
 # A port from the job id: two jobs running at the same time, even on the same first node,
-# never meet in each other's rendezvous.
-RDZV_PORT="${RDZV_PORT:-$((20000 + SLURM_JOB_ID % 20000))}"
+# never meet in each other's rendezvous. 20000-31999: below Linux's ephemeral ports (32768 and
+# up), which the system hands out to outgoing connections and could have given away already.
+RDZV_PORT="${RDZV_PORT:-$((20000 + SLURM_JOB_ID % 12000))}"
 if [[ -z "${LOCAL_ADDR:-}" && "$RDZV_HOST" == 127.* ]]; then
     LOCAL_ADDR=127.0.0.1
 fi
 
+# GPUs this job was given on a node: Slurm says so in SLURM_GPUS_ON_NODE (or lists them in
+# CUDA_VISIBLE_DEVICES). Not nvidia-smi: it also sees a node's GPUs that other jobs were given.
+JOB_GPUS="${SLURM_GPUS_ON_NODE:-}"
+if [[ -z "$JOB_GPUS" && -n "${CUDA_VISIBLE_DEVICES:-}" && "${CUDA_VISIBLE_DEVICES}" != NoDevFiles ]]; then
+    JOB_GPUS=$(tr ',' '\n' <<< "$CUDA_VISIBLE_DEVICES" | grep -c .)
+fi
+JOB_GPUS="${JOB_GPUS:-0}"
 DEVICE="${DEVICE:-auto}"
 if [[ "$DEVICE" == auto ]]; then
-    if command -v nvidia-smi >/dev/null && nvidia-smi -L >/dev/null 2>&1; then DEVICE=gpu; else DEVICE=cpu; fi
+    if (( JOB_GPUS > 0 )); then DEVICE=gpu; else DEVICE=cpu; fi
 fi
 case "$DEVICE" in
-    gpu) NPROC="${NPROC_PER_NODE:-gpu}" ;;  # torchrun's "gpu": one process per GPU it can see
+    gpu) NPROC="${NPROC_PER_NODE:-$(( JOB_GPUS > 0 ? JOB_GPUS : 1 ))}" ;;  # one process per GPU
     cpu) NPROC="${NPROC_PER_NODE:-2}"
          export CUDA_VISIBLE_DEVICES=""  # hide any GPU: the script then uses the CPU and gloo
          export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}" ;;
     *) echo "error: DEVICE must be gpu, cpu or auto, not '$DEVICE'" >&2; exit 1 ;;
 esac
+# The node's processes share --cpus-per-task cores (data loading, the Python of each rank): fewer
+# cores than processes still runs, slowly.
+CORES="${SLURM_CPUS_PER_TASK:-1}"
+if (( CORES < NPROC )); then
+    echo "warning: $NPROC processes per node share $CORES core(s) (--cpus-per-task $CORES): expect it slow;" \
+         "ask for more, e.g. sbatch --cpus-per-task $(( NPROC * 4 ))" >&2
+fi
 
 echo "job $SLURM_JOB_ID | nodes $SLURM_JOB_NODELIST ($SLURM_JOB_NUM_NODES) | rendezvous $RDZV_HOST:$RDZV_PORT" \
      "| device $DEVICE | processes per node $NPROC | working directory $PWD"

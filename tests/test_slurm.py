@@ -134,9 +134,9 @@ def test_step03_on_two_nodes(cluster, tmp_path):
     assert state == "COMPLETED", output[-4000:]
     assert job_field(cluster, job, "NodeList") == "n[1-2]"
     # the emulated nodes' address is 127.0.0.1 (NodeAddr), so the rendezvous is there too
-    assert (f"job {job} | nodes n[1-2] (2) | rendezvous 127.0.0.1:{20000 + job % 20000} | device cpu | "
+    assert (f"job {job} | nodes n[1-2] (2) | rendezvous 127.0.0.1:{20000 + job % 12000} | device cpu | "
             f"processes per node 2 | working directory {tmp_path}") in output
-    assert "[cpu:0] device cpu | backend gloo | world_size 4 | threads per process 1" in output
+    assert "[cpu:0] device cpu | backend gloo | world_size 4 | GPUs here 0" in output
     for rank in range(4):  # every rank of both nodes trained both epochs
         assert f"[cpu:{rank}] Epoch 1 | Batchsize 16 | Steps 4 |" in output, output
     assert "[cpu:0] Finished training: 2 epochs" in output
@@ -152,13 +152,42 @@ def test_mingpt_on_two_nodes(cluster, tmp_path):
     state, output = wait(cluster, job, tmp_path)
     assert state == "COMPLETED", output[-4000:]
     assert f"rendezvous 127.0.0.1:{port} | device cpu | processes per node 1 |" in output
-    assert "[cpu:0] device cpu | backend gloo | world_size 2 | 1 thread(s) per rank" in output
+    assert "[cpu:0] device cpu | backend gloo | world_size 2 | GPUs here 0 | 1 thread(s) per rank" in output
     # both ranks loaded the same data: one line each, same fingerprint
     fingerprints = re.findall(r"\[cpu:(\d)\] data .* fingerprint (\w+)", output)
     assert sorted(r for r, _ in fingerprints) == ["0", "1"] and len({f for _, f in fingerprints}) == 1, output
     assert re.search(r"\[cpu:0\] Finished training: steps 0-20 \| val loss [\d.]+ \| [\d.]+ s \| snapshot "
                      + re.escape(str(tmp_path / "gpt.pt")), output), output
     assert (tmp_path / "gpt.pt").exists() and '"iter": 20' in (tmp_path / "gpt.jsonl").read_text()
+
+
+def test_mingpt_job_restarted_after_a_crash_resumes(cluster, tmp_path):
+    """MAX_RESTARTS=1: the last rank crashes at step 15 (injected from outside by tests/workers/mingpt_faults.py,
+    once); torchrun restarts both nodes' processes, and the trainer.resume=auto that the batch script passes
+    makes them continue from the snapshot of step 10 instead of starting over."""
+    snapshot = tmp_path / "gpt.pt"
+    job = submit(cluster, MINGPT_JOB, tmp_path, "--crash-at-step", 15, *TINY_GPT, "trainer.max_iters=20",
+                 f"trainer.snapshot_path={snapshot}", f"trainer.log_file={tmp_path / 'gpt.jsonl'}",
+                 DEVICE="cpu", NPROC_PER_NODE=1, MAX_RESTARTS=1, TRAIN_SCRIPT="tests/workers/mingpt_faults.py")
+    state, output = wait(cluster, job, tmp_path)
+    assert state == "COMPLETED", output[-4000:]
+    assert "simulated crash of rank 1 at step 15" in output, output[-4000:]
+    assert f"resuming from {snapshot} at step 10" in output, output[-4000:]
+    assert "Finished training: steps 10-20" in output
+    assert torch.load(snapshot, weights_only=True)["step"] == 20
+
+
+def test_gpus_come_from_the_job_not_from_the_node(cluster, tmp_path):
+    """DEVICE=auto counts the GPUs Slurm gave the job (here faked through CUDA_VISIBLE_DEVICES, as Slurm sets it)
+    and starts one process per GPU; with more processes than --cpus-per-task it warns. (The training itself then
+    runs on the CPU: this machine has no GPU. A bad argument ends it quickly.)"""
+    job = submit(cluster, STEP03_JOB, tmp_path, "--max_epochs", 0, CUDA_VISIBLE_DEVICES="0,1,2")
+    _, output = wait(cluster, job, tmp_path)
+    assert "| device gpu | processes per node 3 |" in output, output
+    assert "warning: 3 processes per node share 2 core(s) (--cpus-per-task 2)" in output
+    job = submit(cluster, STEP03_JOB, tmp_path, "--max_epochs", 0, CUDA_VISIBLE_DEVICES="")
+    _, output = wait(cluster, job, tmp_path)
+    assert "| device cpu | processes per node 2 |" in output and "warning" not in output, output
 
 
 def test_failing_training_fails_the_job(cluster, tmp_path):

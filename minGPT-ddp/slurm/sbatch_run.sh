@@ -9,8 +9,10 @@
 # main.py's default config is cpu_cfg.yaml without a GPU, gpt2_train_cfg.yaml with one. It
 # writes its snapshot and metrics to runs/mingpt/ under the job's working directory (the
 # directory you submitted from, or sbatch --chdir DIR), unless trainer.snapshot_path=... and
-# trainer.log_file=... say otherwise. Resubmitting with trainer.resume=auto continues from the
-# snapshot (or starts afresh when there is none): the way to train longer than --time allows.
+# trainer.log_file=... say otherwise. It passes trainer.resume=auto before your arguments: a
+# restart (MAX_RESTARTS) or a resubmission continues from that snapshot, or starts afresh when
+# there is none; the way to survive a crash or train longer than --time allows. To start over
+# although a snapshot exists, add trainer.resume=false (your arguments win).
 #
 # Everything but the training script is slurm/sbatch_run.sh's (step 03's launcher): this file
 # holds sbatch's options, finds the repository and hands over to it with TRAIN_SCRIPT set.
@@ -44,5 +46,7 @@ if [[ ! -f "$DDP_STEPS_DIR/slurm/sbatch_run.sh" ]]; then
          "(cd ddp-steps; sbatch minGPT-ddp/slurm/sbatch_run.sh) or set DDP_STEPS_DIR=/path/to/ddp-steps" >&2
     exit 1
 fi
-# "$@": the arguments after the script's name on the sbatch line (config=..., key=value) go to main.py.
-TRAIN_SCRIPT=minGPT-ddp/main.py exec bash "$DDP_STEPS_DIR/slurm/sbatch_run.sh" "$@"
+# "$@": the arguments after the script's name on the sbatch line (config=..., key=value) go to main.py,
+# after trainer.resume=auto (the last value of a key wins).
+export TRAIN_SCRIPT="${TRAIN_SCRIPT:-minGPT-ddp/main.py}"  # tests set it to a fault-injecting wrapper of main.py
+exec bash "$DDP_STEPS_DIR/slurm/sbatch_run.sh" trainer.resume=auto "$@"

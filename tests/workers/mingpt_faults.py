@@ -3,14 +3,14 @@
     torchrun --standalone --nproc-per-node 2 --max-restarts 1 tests/workers/mingpt_faults.py \
         --crash-at-step 15 --keep-snapshots trainer.strategy=fsdp trainer.resume=auto ...
 
---crash-at-step K   on torchrun's first attempt only (TORCHELASTIC_RESTART_COUNT 0), the last rank raises
-                    as optimizer step K begins; torchrun restarts every rank, which resume from the snapshot
+--crash-at-step K   once per run, the last rank raises as optimizer step K begins (and leaves the file
+                    SNAPSHOT.crashed, so that no later attempt crashes again); torchrun restarts every
+                    rank, which resume from the snapshot
 --keep-snapshots    rank 0 also copies every snapshot it writes to PATH.step<N>, to resume from an earlier
                     point later (under another strategy, say)
 Every other argument goes to main.py.
 """
 import argparse
-import os
 import shutil
 import sys
 from pathlib import Path
@@ -24,8 +24,11 @@ def crash_at_step(crash_step: int):
     train_step = trainer.Trainer.train_step
 
     def crashing_train_step(self, it):
-        first_attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
-        if it == crash_step and self.rt.rank == self.rt.world_size - 1 and first_attempt:
+        # Not TORCHELASTIC_RESTART_COUNT: on several nodes torchrun counts a restart only on the node whose
+        # process failed, and after a restart the last rank may live on the other node.
+        marker = Path(f"{self.tcfg.snapshot_path}.crashed")
+        if it == crash_step and self.rt.rank == self.rt.world_size - 1 and not marker.exists():
+            marker.touch()
             raise RuntimeError(f"simulated crash of rank {self.rt.rank} at step {it} (tests/workers/mingpt_faults.py)")
         return train_step(self, it)
 
