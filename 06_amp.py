@@ -278,10 +278,10 @@ def check_args(parser, args):
 
 
 def store_for_this_attempt(timeout: timedelta):
-    # env://'s store, with keys of this attempt's own: torchrun keeps one store across restarts, where restarted
-    # processes could read addresses the dead ones left ("Connection refused"; pytorch/pytorch#135712).
+    # env://'s store, keys per attempt: torchrun keeps one store across restarts, where restarted processes could read
+    # addresses dead ones left (pytorch/pytorch#135712). Counted in the store, as nodes count their restarts apart.
     store, rank, world_size = next(dist.rendezvous("env://", timeout=timeout))
-    return dist.PrefixStore(f"attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store), rank, world_size
+    return dist.PrefixStore(f"attempt_{store.add(f'starts_of_rank_{rank}', 1)}", store), rank, world_size
 
 
 def read_snapshot(path: str):

@@ -57,9 +57,9 @@ def test_stopped_and_resumed_run_is_bit_identical(tmp_path, uninterrupted):
 
 @pytest.mark.parametrize("rendezvous", ["standalone", "c10d"])
 def test_crashed_rank_is_restarted_and_resumes(tmp_path, uninterrupted, rendezvous):
-    """torchrun restarts both processes; they rendezvous again and resume. The script builds no store of its
-    own: on torch 2.13 torchrun's agent makes a fresh store for every attempt (torch/distributed/rendezvous.py,
-    _create_c10d_store: "We create a new TCPStore for every retry"), with --standalone and with a c10d endpoint."""
+    """torchrun restarts both processes; they rendezvous again and resume, with --standalone and with a c10d
+    endpoint. The processes meet in the agent's key-value store, which outlives the attempt (pytorch/pytorch#135712);
+    the step keeps each attempt's keys apart (store_for_this_attempt at the end of the file)."""
     snapshot = tmp_path / "snapshot.pt"
     extra = ["--max-restarts", "1"]
     if rendezvous == "c10d":
@@ -109,6 +109,47 @@ def test_crash_while_writing_keeps_previous_snapshot(tmp_path):
     assert f"Resuming training from snapshot {snapshot} at Epoch 1" in proc.stdout
 
 
+def two_nodes(workdirs, args, max_restarts=0, timeout=180):
+    """Two torchrun 'nodes' of one process each, meeting through c10d rendezvous on 127.0.0.1, each working in its
+    own folder; returns their outputs once both have ended."""
+    port = free_port()
+    job = f"test-{os.getpid()}-{port}"
+    procs = []
+    for node_rank, node in enumerate(workdirs):
+        cmd = torchrun(1, *args, standalone=False,
+                       extra=["--nnodes", "2", "--node-rank", node_rank, "--rdzv-backend", "c10d",
+                              "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", job,
+                              "--local-addr", "127.0.0.1", "--max-restarts", max_restarts])
+        procs.append(subprocess.Popen([str(c) for c in cmd], cwd=node, env=cpu_env(), text=True,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL))
+    try:
+        outputs = [p.communicate(timeout=timeout)[0] for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    assert [p.returncode for p in procs] == [0, 0], outputs
+    return "".join(outputs)
+
+
+def test_two_nodes_restart_after_a_crash_and_resume(tmp_path, uninterrupted):
+    """Rank 1 crashes at epoch 2 (once: --once-file on the disk both nodes share); torchrun restarts the processes
+    of both nodes, which meet again and resume from the snapshot. torchrun counts the restart only on the node
+    whose process failed, so a store prefix from TORCHELASTIC_RESTART_COUNT would put the two nodes' processes in
+    different key spaces and they would never meet (the timeout of 1 minute would end it); the steps count each
+    rank's starts in the store itself."""
+    nodes = [tmp_path / "node0", tmp_path / "node1"]
+    for node in nodes:
+        node.mkdir()
+    snapshot = tmp_path / "snapshot.pt"  # one shared disk, as on a cluster
+    everything = two_nodes(nodes, [FAULTS, "--crash-at-epoch", 2, "--rank", 1, "--once-file", tmp_path / "crashed",
+                                   STEP03, *SMALL, "--max_epochs", 4, "--snapshot_path", snapshot,
+                                   "--timeout_min", 1], max_restarts=1)
+    assert "simulated crash of rank 1 at epoch 2" in everything
+    assert f"Resuming training from snapshot {snapshot} at Epoch 2" in everything
+    assert "Finished training: 4 epochs" in everything
+    assert_identical(load(snapshot), uninterrupted)
+
+
 def test_two_nodes_resume_from_rank_0s_snapshot(tmp_path, uninterrupted):
     """Two torchrun 'nodes' (one process each, own folder as own disk) meet through c10d rendezvous on 127.0.0.1.
     Their disks hold different snapshots (epoch 2 and epoch 1): both ranks resume from rank 0's, and the run ends
@@ -117,18 +158,7 @@ def test_two_nodes_resume_from_rank_0s_snapshot(tmp_path, uninterrupted):
     for node, epochs in zip(nodes, (2, 1)):
         node.mkdir()
         train(node, "snapshot.pt", epochs)
-    port, job = free_port(), f"test-{os.getpid()}"
-    procs = []
-    for node_rank, node in enumerate(nodes):
-        cmd = torchrun(1, STEP03, *SMALL, "--max_epochs", 4, "--snapshot_path", "snapshot.pt", standalone=False,
-                       extra=["--nnodes", "2", "--node-rank", node_rank, "--rdzv-backend", "c10d",
-                              "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", job,
-                              "--local-addr", "127.0.0.1"])
-        procs.append(subprocess.Popen([str(c) for c in cmd], cwd=node, env=cpu_env(), text=True,
-                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL))
-    outputs = [p.communicate(timeout=180)[0] for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], outputs
-    everything = "".join(outputs)
+    everything = two_nodes(nodes, [STEP03, *SMALL, "--max_epochs", 4, "--snapshot_path", "snapshot.pt"])
     assert "world_size 2" in everything
     for rank in (0, 1):
         assert f"[cpu:{rank}] Resuming training from snapshot snapshot.pt at Epoch 2" in everything

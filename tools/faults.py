@@ -8,7 +8,9 @@ Start it with torchrun in place of the step; it loads the step, patches one meth
     torchrun --standalone --nproc-per-node 1 tools/faults.py --die-while-saving 03_multigpu_torchrun.py
 
 --crash-at-epoch E   one rank (--rank, default the last) raises at the start of epoch E, on torchrun's first
-                     attempt only (TORCHELASTIC_RESTART_COUNT 0), so that a restart can resume
+                     attempt only (TORCHELASTIC_RESTART_COUNT 0), so that a restart can resume. On several nodes
+                     torchrun counts restarts per node, so add --once-file F on a disk all nodes share: the
+                     crashing rank creates F, and no rank crashes where it exists
 --inf-at-step S      at optimizer step S of this run (counted from 0), one rank's scaled loss becomes inf, so its
                      gradients overflow (step 06); rank 0 prints what GradScaler did about it
 --die-while-saving   the first snapshot write stops the process half-way (half the bytes, then os._exit(17)),
@@ -41,12 +43,16 @@ def faulty_rank(chosen):
     return dist.get_world_size() - 1 if chosen is None else chosen
 
 
-def crash_at_epoch(step, crash_epoch: int, chosen_rank):
+def crash_at_epoch(step, crash_epoch: int, chosen_rank, once_file=None):
     run_epoch = step.Trainer._run_epoch
 
     def _run_epoch(self, epoch):
         first_attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
+        if once_file is not None:
+            first_attempt = first_attempt and not os.path.exists(once_file)
         if epoch == crash_epoch and self.rank == faulty_rank(chosen_rank) and first_attempt:
+            if once_file is not None:
+                Path(once_file).touch()
             raise RuntimeError(f"simulated crash of rank {self.rank} at epoch {epoch} (tools/faults.py)")
         return run_epoch(self, epoch)
 
@@ -103,6 +109,8 @@ def main():
     fault.add_argument("--inf-at-step", type=int, metavar="S", help="a rank's loss is inf at optimizer step S")
     fault.add_argument("--die-while-saving", action="store_true", help="die half-way through the first save")
     parser.add_argument("--rank", type=int, default=None, help="which rank fails (default: the last)")
+    parser.add_argument("--once-file", default=None, metavar="F", help="--crash-at-epoch: crash only if F does not "
+                        "exist, and create it (for several nodes, whose restart counts differ)")
     parser.add_argument("script", help="the step, e.g. 03_multigpu_torchrun.py")
     parser.add_argument("script_args", nargs=argparse.REMAINDER, help="the step's own arguments")
     args = parser.parse_args()
@@ -111,7 +119,7 @@ def main():
                          "tools/faults.py --crash-at-epoch 3 03_multigpu_torchrun.py")
     step = load_step(args.script)
     if args.crash_at_epoch is not None:
-        crash_at_epoch(step, args.crash_at_epoch, args.rank)
+        crash_at_epoch(step, args.crash_at_epoch, args.rank, args.once_file)
     elif args.inf_at_step is not None:
         inf_at_step(step, args.inf_at_step, args.rank)
     else:
