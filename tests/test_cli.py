@@ -2,11 +2,12 @@
 and picks its device by one rule: GPUs + NCCL when the node has a GPU for every process, else the CPU + Gloo."""
 import socket
 import sys
+from datetime import timedelta
 
 import pytest
 import torch
 
-from conftest import REPO, cpu_env, load_script, run
+from conftest import REPO, cpu_env, free_port, load_script, run
 
 STEPS = sorted(p.name for p in REPO.glob("0[0-9]_*.py"))
 TRAINING_STEPS = ["01_single_gpu.py", "02_multigpu_mp_spawn.py", "03_multigpu_torchrun.py", "05_singlenode_cpu.py",
@@ -88,3 +89,16 @@ def test_step02_default_world_size(monkeypatch, gpus, default_world_size):
     step = load_script("02_multigpu_mp_spawn.py")
     fake_gpus(monkeypatch, gpus)
     assert step.parse_args([]).world_size == default_world_size
+
+
+@pytest.mark.parametrize("script", [*TORCHRUN_STEPS, "minGPT-ddp/ddp_setup.py"])
+@pytest.mark.parametrize("use_libuv", ["0", "1"])
+def test_use_libuv_reaches_the_store(monkeypatch, script, use_libuv):
+    """The README's advice for systems without libuv (USE_LIBUV=0) is true: the store the scripts build through
+    env:// reads it, where a dist.TCPStore built by hand would not."""
+    monkeypatch.setenv("USE_LIBUV", use_libuv)
+    for name, value in dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1").items():
+        monkeypatch.setenv(name, value)
+    found = load_script(script).store_for_this_attempt(timedelta(seconds=20))
+    store = found[0] if isinstance(found, tuple) else found  # the steps also return rank and world size
+    assert store.underlying_store.libuvBackend == (use_libuv == "1")
