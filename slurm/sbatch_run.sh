@@ -94,7 +94,9 @@ if [[ "$DEVICE" == auto ]]; then
     if (( JOB_GPUS > 0 )); then DEVICE=gpu; else DEVICE=cpu; fi
 fi
 case "$DEVICE" in
-    gpu) NPROC="${NPROC_PER_NODE:-$(( JOB_GPUS > 0 ? JOB_GPUS : 1 ))}" ;;  # one process per GPU
+    # One process per GPU of the job; with DEVICE=gpu but no GPUs from Slurm, torchrun's "gpu": one per GPU it sees.
+    gpu) NPROC="${NPROC_PER_NODE:-$(( JOB_GPUS > 0 ? JOB_GPUS : 0 ))}"
+         [[ "$NPROC" != 0 ]] || NPROC=gpu ;;
     cpu) NPROC="${NPROC_PER_NODE:-2}"
          export CUDA_VISIBLE_DEVICES=""  # hide any GPU: the script then uses the CPU and gloo
          export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}" ;;
@@ -103,7 +105,7 @@ esac
 # The node's processes share --cpus-per-task cores (data loading, the Python of each rank): fewer
 # cores than processes still runs, slowly.
 CORES="${SLURM_CPUS_PER_TASK:-1}"
-if (( CORES < NPROC )); then
+if [[ "$NPROC" =~ ^[0-9]+$ ]] && (( CORES < NPROC )); then
     echo "warning: $NPROC processes per node share $CORES core(s) (--cpus-per-task $CORES): expect it slow;" \
          "ask for more, e.g. sbatch --cpus-per-task $(( NPROC * 4 ))" >&2
 fi
