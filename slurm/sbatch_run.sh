@@ -95,7 +95,7 @@ if [[ "$DEVICE" == auto ]]; then
 fi
 case "$DEVICE" in
     # One process per GPU of the job; with DEVICE=gpu but no GPUs from Slurm, torchrun's "gpu": one per GPU it sees.
-    gpu) NPROC="${NPROC_PER_NODE:-$(( JOB_GPUS > 0 ? JOB_GPUS : 0 ))}"
+    gpu) NPROC="${NPROC_PER_NODE:-$JOB_GPUS}"
          [[ "$NPROC" != 0 ]] || NPROC=gpu ;;
     cpu) NPROC="${NPROC_PER_NODE:-2}"
          export CUDA_VISIBLE_DEVICES=""  # hide any GPU: the script then uses the CPU and gloo

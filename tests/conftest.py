@@ -85,6 +85,29 @@ def torchrun(nproc, script, *args, standalone=True, extra=()):
     return cmd
 
 
+def start_nodes(folders, args, extra=(), timeout=180) -> list:
+    """Torchrun "nodes" on this machine, one process each, meeting through c10d rendezvous on 127.0.0.1; node i
+    works in folders[i] (its own disk). Returns each node's CompletedProcess once all have ended; a hang fails."""
+    port = free_port()
+    procs = []
+    for node_rank, folder in enumerate(folders):
+        cmd = torchrun(1, *args, standalone=False,
+                       extra=["--nnodes", len(folders), "--node-rank", node_rank, "--rdzv-backend", "c10d",
+                              "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", f"test-{port}",
+                              "--local-addr", "127.0.0.1", *extra])
+        procs.append(subprocess.Popen([str(c) for c in cmd], cwd=folder, env=cpu_env(), stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL))
+    try:
+        results = []
+        for proc in procs:
+            stdout, stderr = proc.communicate(timeout=timeout)
+            results.append(subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr))
+        return results
+    finally:
+        for proc in procs:
+            proc.kill()
+
+
 def load_script(filename: str):
     """Import a numbered step script (its name starts with a digit, so `import` can't) as a module."""
     path = REPO / filename

@@ -5,13 +5,12 @@ download) trains a few dozen steps in seconds on one CPU core per rank.
 """
 import json
 import shutil
-import subprocess
 import sys
 
 import pytest
 import torch
 
-from conftest import REPO, TINY_GPT, aborted_only_at_exit, cpu_env, free_port, run, torchrun
+from conftest import REPO, TINY_GPT, aborted_only_at_exit, free_port, run, start_nodes, torchrun
 
 MAIN = REPO / "minGPT-ddp" / "main.py"
 SAMPLE = REPO / "minGPT-ddp" / "sample.py"
@@ -139,30 +138,17 @@ def test_float16_cannot_resume_a_float32_snapshot(ddp_and_accumulation, tmp_path
 
 
 def two_nodes(tmp_path, snapshots: dict, *args, timeout=150):
-    """Two torchrun "nodes" on this machine (c10d rendezvous on 127.0.0.1, one rank each), each in its own
+    """Two torchrun "nodes" on this machine (tests/conftest.py start_nodes: one rank each), each in its own
     folder with its own disk's view: snapshots maps folder name -> snapshot file to put at node.pt there."""
-    endpoint = f"127.0.0.1:{free_port()}"
-    procs = {}
-    for node_rank, (name, source) in enumerate(snapshots.items()):
-        folder = tmp_path / name
-        folder.mkdir()
+    folders = []
+    for name, source in snapshots.items():
+        folders.append(tmp_path / name)
+        folders[-1].mkdir()
         if source is not None:
-            shutil.copy(source, folder / "node.pt")
-        cmd = torchrun(1, "minGPT-ddp/main.py", *TINY, *args, "trainer.snapshot_path=node.pt",
-                       "trainer.log_file=node.jsonl", "trainer.timeout_minutes=0.5", standalone=False,
-                       extra=["--nnodes", "2", "--node-rank", str(node_rank), "--rdzv-backend", "c10d",
-                              "--rdzv-endpoint", endpoint])
-        procs[name] = subprocess.Popen([str(c) for c in cmd], cwd=folder, env=cpu_env(), stdout=subprocess.PIPE,
-                                       stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
-    results = {}
-    try:
-        for name, proc in procs.items():
-            stdout, stderr = proc.communicate(timeout=timeout)  # a hang fails here
-            results[name] = subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
-    finally:
-        for proc in procs.values():
-            proc.kill()
-    return results
+            shutil.copy(source, folders[-1] / "node.pt")
+    procs = start_nodes(folders, ["minGPT-ddp/main.py", *TINY, *args, "trainer.snapshot_path=node.pt",
+                                  "trainer.log_file=node.jsonl", "trainer.timeout_minutes=0.5"], timeout=timeout)
+    return dict(zip(snapshots, procs))
 
 
 def test_nodes_with_different_snapshots_stop_in_one_line(ddp_and_accumulation, tmp_path):

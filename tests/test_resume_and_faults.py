@@ -1,12 +1,11 @@
 """Step 03: snapshots, resume, fault tolerance and multi-node, with real torchrun runs on CPU."""
 import os
-import subprocess
 import sys
 
 import pytest
 import torch
 
-from conftest import REPO, cpu_env, free_port, run, torchrun
+from conftest import REPO, cpu_env, free_port, run, start_nodes, torchrun
 
 STEP03 = "03_multigpu_torchrun.py"
 SMALL = ["--dataset_size", "256", "--batch_size", "16", "--save_every", "1"]
@@ -109,26 +108,11 @@ def test_crash_while_writing_keeps_previous_snapshot(tmp_path):
     assert f"Resuming training from snapshot {snapshot} at Epoch 1" in proc.stdout
 
 
-def two_nodes(workdirs, args, max_restarts=0, timeout=180):
-    """Two torchrun 'nodes' of one process each, meeting through c10d rendezvous on 127.0.0.1, each working in its
-    own folder; returns their outputs once both have ended."""
-    port = free_port()
-    job = f"test-{os.getpid()}-{port}"
-    procs = []
-    for node_rank, node in enumerate(workdirs):
-        cmd = torchrun(1, *args, standalone=False,
-                       extra=["--nnodes", "2", "--node-rank", node_rank, "--rdzv-backend", "c10d",
-                              "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", job,
-                              "--local-addr", "127.0.0.1", "--max-restarts", max_restarts])
-        procs.append(subprocess.Popen([str(c) for c in cmd], cwd=node, env=cpu_env(), text=True,
-                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL))
-    try:
-        outputs = [p.communicate(timeout=timeout)[0] for p in procs]
-    finally:
-        for p in procs:
-            p.kill()
-    assert [p.returncode for p in procs] == [0, 0], outputs
-    return "".join(outputs)
+def two_nodes(workdirs, args, max_restarts=0) -> str:
+    """Two torchrun 'nodes' of one process each (tests/conftest.py start_nodes); both must succeed: their output."""
+    procs = start_nodes(workdirs, args, extra=["--max-restarts", max_restarts])
+    assert [p.returncode for p in procs] == [0, 0], [p.stdout + p.stderr for p in procs]
+    return "".join(p.stdout + p.stderr for p in procs)
 
 
 def test_two_nodes_restart_after_a_crash_and_resume(tmp_path, uninterrupted):
