@@ -9,13 +9,14 @@ Every mistake ends the same way: one line `error: ...` and exit code 2, before a
 waits for another.
 """
 import operator
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+import machine
 from char_dataset import DataConfig
 from model import ModelConfig
 import trainer
@@ -32,9 +33,10 @@ class Config:
 
 
 def default_config_path() -> Path:
-    """The classic GPT config where there is a GPU; a small one that trains in a minute on a CPU."""
-    has_gpu = torch.accelerator.current_accelerator(check_available=True) is not None
-    return HERE / ("gpt2_train_cfg.yaml" if has_gpu else "cpu_cfg.yaml")
+    """The classic GPT config where the processes get GPUs; a small one that trains in a minute on
+    CPU processes (machine.mingpt_config: the same rule that picks the device)."""
+    processes_per_node = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    return HERE / machine.mingpt_config(machine.Machine.here(), processes_per_node)
 
 
 def leaf_keys(tree: dict, prefix: str = "") -> list:

@@ -15,9 +15,8 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-# Which communication library a device type uses: NCCL between NVIDIA GPUs (XCCL between
-# Intel GPUs); Gloo between CPU processes.
-BACKENDS = {"cuda": "nccl", "xpu": "xccl"}
+import machine
+
 # How long a collective may wait for its peers: a dead peer becomes an error, not a hang. PyTorch's
 # default, 10 minutes: the other ranks wait this long while rank 0 writes a big snapshot.
 DEFAULT_TIMEOUT = timedelta(minutes=10)
@@ -51,24 +50,15 @@ class Runtime:
 def pick_device(local_rank: int, local_world_size: int):
     """GPU number `local_rank` and its backend if this node has a GPU for every process; else every
     process uses the CPU and Gloo (e.g. 2 processes on a laptop or a one-GPU notebook), as in the steps."""
-    if gpus_here() < local_world_size:
-        return torch.device("cpu"), "gloo"
-    accelerator = torch.accelerator.current_accelerator()
-    return torch.device(accelerator.type, local_rank), BACKENDS[accelerator.type]
+    here = machine.Machine.here()
+    kind = machine.device_type(here, local_world_size)
+    device = torch.device(kind, local_rank) if kind != "cpu" else torch.device("cpu")
+    return device, machine.backend(here, local_world_size)
 
 
 def gpus_here() -> int:
     """GPUs this process can see (0 where the accelerator, if any, has no backend here)."""
-    accelerator = torch.accelerator.current_accelerator(check_available=True)
-    return torch.accelerator.device_count() if accelerator is not None and accelerator.type in BACKENDS else 0
-
-
-def usable_cores() -> int:
-    """The cores this process may run on: its CPU affinity, which taskset, Slurm or a container may
-    narrow and os.cpu_count() ignores (macOS and Windows have no affinity call)."""
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
+    return machine.Machine.here().gpus_with_backend
 
 
 def start(timeout: timedelta = DEFAULT_TIMEOUT) -> Runtime:
@@ -85,7 +75,7 @@ def start(timeout: timedelta = DEFAULT_TIMEOUT) -> Runtime:
         # N processes sharing the CPU must not each start one thread per core. torchrun sets
         # OMP_NUM_THREADS=1 when it starts several; an OMP_NUM_THREADS you set yourself wins.
         if "OMP_NUM_THREADS" not in os.environ:
-            torch.set_num_threads(max(1, usable_cores() // local_world_size))
+            torch.set_num_threads(max(1, machine.usable_cores() // local_world_size))
     else:
         torch.accelerator.set_device_index(device.index)
     if not launched:

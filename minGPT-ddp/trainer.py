@@ -27,6 +27,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import ddp_setup
+import machine
 import mfu
 import snapshot
 from char_dataset import CharData
@@ -59,7 +60,7 @@ class TrainerConfig:
     snapshot_path: Optional[str] = "runs/mingpt/snapshot.pt"  # None: no snapshots
     resume: str = "false"  # false: start afresh | true: from snapshot_path | auto: if it exists
     log_file: Optional[str] = "runs/mingpt/metrics.jsonl"  # one JSON record per log/eval point
-    dtype: str = "auto"  # auto (bfloat16 on a GPU that has it, else float32) | float32 | bfloat16 | float16
+    dtype: str = "auto"  # auto: machine.amp_dtype | float32 | bfloat16 | float16
     compile: bool = False
     seed: int = 1337
     peak_flops: Optional[float] = None  # FLOP/s of one device for MFU; None: data sheet or measured
@@ -101,10 +102,8 @@ def compile_problem(device_type: str) -> Optional[str]:
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    if name == "auto":
-        # including_emulation=False: a V100 or T4 "supports" bf16 only by emulating it, slowly.
-        gpu_has_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False)
-        return torch.bfloat16 if gpu_has_bf16 else torch.float32  # most CPUs are slower in bf16
+    if name == "auto":  # bfloat16 where it is native, else float16 on a GPU, float32 on a CPU
+        return machine.amp_dtype(machine.Machine.here(), on_gpu=device.type != "cpu")
     return DTYPES[name]
 
 
