@@ -40,7 +40,8 @@ class Runtime:
 
     @property
     def tag(self) -> str:
-        return f"[{self.device.type}:{self.rank}]"  # every line says which process it comes from
+        # Every line says which process it comes from: "[cpu rank 1]", "[cuda:3 rank 7]" (GPU 3 of its node).
+        return f"[{self.device} rank {self.rank}]"
 
     def print(self, message: str, every_rank: bool = False):
         if every_rank or self.is_main:
