@@ -66,6 +66,7 @@ class TrainerConfig:
     peak_flops: Optional[float] = None  # FLOP/s of one device for MFU; None: data sheet or measured
     strategy: str = "ddp"  # ddp: a whole copy on every rank | fsdp: weights, gradients, AdamW state sharded
     timeout_minutes: float = 10.0  # how long a collective waits for the other ranks before it fails
+    deterministic: bool = False  # true: deterministic kernels only, so a resumed GPU run can end bit-identical
 
 
 def config_error(message: str) -> SystemExit:
@@ -107,6 +108,17 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return DTYPES[name]
 
 
+def use_deterministic_kernels():
+    """Same inputs, same bits: a run killed and resumed on GPUs can then end bit-identical to one never
+    stopped. Many GPU kernels (some cuBLAS matmuls, atomic-add reductions, attention backward) may sum in
+    another order from one call to the next; PyTorch then picks deterministic ones, a little slower, or
+    raises where there is none. cuBLAS needs a fixed workspace for it, set before its first matmul.
+    (On the CPU, and between ranks, the sums are already in a fixed order.)"""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.benchmark = False
+
+
 def shard(model: GPT, rt: ddp_setup.Runtime, dtype: torch.dtype) -> GPT:
     """FSDP2: each block, then the rest (embeddings, final norm, head), becomes one unit whose weights
     are split in N pieces, one per rank. A unit's forward and backward all-gather its weights first and
@@ -135,6 +147,8 @@ class Trainer:
         self.cfg = cfg  # the whole Config: it goes into every snapshot
         self.tcfg = tcfg = cfg.trainer
         self.rt = rt
+        if tcfg.deterministic:
+            use_deterministic_kernels()
         self.data = data.to(rt.device)
         self.dtype = resolve_dtype(tcfg.dtype, rt.device)
         self.fsdp = tcfg.strategy == "fsdp"
