@@ -38,6 +38,20 @@ def test_gradient_of_a_prediction_reaches_only_past_tokens(mingpt):
     assert per_position[:6].min() > 0  # every past position contributes
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_loss_is_float32_when_the_weights_compute_in_half_precision(mingpt, dtype):
+    """FSDP's MixedPrecisionPolicy runs the whole forward with bf16/fp16 weights and no autocast. A loss in
+    that dtype is rounded (bf16 keeps 3 significant digits: 0.0156 apart near 3), and in fp16 the gradient
+    scaler's first scale, 65536, times the loss is past fp16's largest number (65504): every first step
+    would overflow and be skipped. So the loss is computed in float32, and its gradient stays finite."""
+    model = tiny_gpt(mingpt).train().to(dtype)
+    tokens = torch.randint(50, (2, 16), generator=torch.Generator().manual_seed(3))
+    logits, loss = model(tokens, tokens.roll(-1, dims=1))
+    assert logits.dtype == dtype and loss.dtype == torch.float32
+    (loss * 65536.0).backward()  # what GradScaler(init_scale=65536).scale(loss).backward() does
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+
+
 def test_weight_tying_init_and_generate(mingpt):
     model = tiny_gpt(mingpt, block_size=8)
     assert model.lm_head.weight is model.token_embedding.weight
