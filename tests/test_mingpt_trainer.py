@@ -53,3 +53,20 @@ def test_deterministic_turns_on_deterministic_kernels(mg, monkeypatch):
     assert not torch.are_deterministic_algorithms_enabled()
     one_rank_trainer(mg)  # the default leaves it off
     assert not torch.are_deterministic_algorithms_enabled()
+
+
+@pytest.mark.parametrize("machine_kw, device, expected", [
+    # A T4 or V100 only emulates bf16: float16 with a gradient scaler, as step 06 picks there.
+    (dict(accelerator="cuda", gpus=1, gpu_name="Tesla T4", gpu_bf16=False), "cuda", torch.float16),
+    (dict(accelerator="cuda", gpus=8, gpu_name="NVIDIA A100-SXM4-80GB", gpu_bf16=True), "cuda", torch.bfloat16),
+    # CPU processes (also those of a GPU machine with fewer GPUs than processes): bf16 only where native.
+    (dict(accelerator="cuda", gpus=1, gpu_name="Tesla T4", gpu_bf16=False, cpu_bf16=True), "cpu", torch.bfloat16),
+    (dict(cpu_bf16=False), "cpu", torch.float32),
+    (dict(cpu_bf16=True), "cpu", torch.bfloat16),
+], ids=["T4", "A100", "T4-machine-cpu-ranks", "cpu", "cpu-avx512-bf16"])
+def test_dtype_auto_on_faked_machines(mg, monkeypatch, machine_kw, device, expected):
+    faked = mg.machine.Machine(**machine_kw)
+    monkeypatch.setattr(mg.machine.Machine, "here", classmethod(lambda cls: faked))
+    assert mg.trainer.resolve_dtype("auto", torch.device(device)) == expected
+    # A dtype named in the config is taken as it is, whatever the machine.
+    assert mg.trainer.resolve_dtype("float32", torch.device(device)) == torch.float32
