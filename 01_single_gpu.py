@@ -1,14 +1,14 @@
 """Step 01: train a small model on one device.
 
-The baseline every later step extends: one process, one device (a GPU if there is one,
-else the CPU), a toy regression task and a small Trainer class. No distributed code yet.
+The baseline every later step extends: one process, one device (a GPU if there is one, else
+the CPU), a toy regression task and a small Trainer class. No distributed code yet.
 
-    python 01_single_gpu.py                         # 10 epochs, batch 32
-    python 01_single_gpu.py --max_epochs 20 --lr 0.02
+    python 01_single_gpu.py --max_epochs 20 --lr 0.02   # default: 10 epochs, lr 0.01
 """
 import argparse
 import json
 import os
+import sys
 import time
 
 import torch
@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader, Dataset
 
 
 class RegressionDataset(Dataset):
-    """y = w·x + small noise, made here from a fixed seed of its own: every run and process gets the same samples."""
+    """y = w·x + small noise, from a fixed seed of its own: every run and process gets the same."""
 
     def __init__(self, size: int, in_features: int = 20, noise: float = 0.05):
         g = torch.Generator().manual_seed(1234)
@@ -41,9 +41,10 @@ def pick_device() -> torch.device:
 
 
 class Trainer:
-    def __init__(self, model, train_data, optimizer, device, save_every, checkpoint_path, log_file):
+    def __init__(self, model, train_data, optimizer, device, save_every, checkpoint_path,
+                 log_file):
         self.device = device
-        self.tag = f"[{device.type}:0]"  # every line says where it comes from
+        self.tag = f"[{device}]"  # every line says where it comes from
         self.model = model.to(device)
         self.train_data = train_data
         self.optimizer = optimizer
@@ -64,16 +65,18 @@ class Trainer:
         total_loss = torch.zeros((), device=self.device)
         for source, targets in self.train_data:
             # non_blocking: from pinned memory, the copy to a GPU overlaps with work already queued
-            source, targets = source.to(self.device, non_blocking=True), targets.to(self.device, non_blocking=True)
+            source = source.to(self.device, non_blocking=True)
+            targets = targets.to(self.device, non_blocking=True)
             total_loss += self._run_batch(source, targets)
         steps = len(self.train_data)
         loss = total_loss.item() / steps  # one device->host copy per epoch, not per batch
-        print(f"{self.tag} Epoch {epoch} | Batchsize {batch_size} | Steps {steps} | loss {loss:.4f}")
+        print(f"{self.tag} Epoch {epoch} | Batchsize {batch_size} | Steps {steps} | "
+              f"loss {loss:.4f}")
         return {"epoch": epoch, "batch_size": batch_size, "steps": steps, "loss": loss,
                 "world_size": 1}
 
     def _save_checkpoint(self, epoch):
-        # Write to a temporary file, then rename: a crash mid-write never leaves a half file behind.
+        # To a temporary file, then renamed: a crash mid-write never leaves a half file behind.
         tmp_path = f"{self.checkpoint_path}.tmp.{os.getpid()}"
         torch.save(self.model.state_dict(), tmp_path)
         os.replace(tmp_path, self.checkpoint_path)
@@ -102,34 +105,37 @@ def load_train_objs(args):
 
 def prepare_dataloader(dataset: Dataset, batch_size: int, device: torch.device):
     # pinned (page-locked) host memory speeds up copies to a CUDA GPU; it means nothing for the CPU
-    return DataLoader(dataset, batch_size=batch_size, shuffle=True, pin_memory=device.type == "cuda")
+    return DataLoader(dataset, batch_size=batch_size, shuffle=True,
+                      pin_memory=device.type == "cuda")
 
 
 def main(args):
-    torch.manual_seed(args.seed)  # same initial weights and data order on every run
+    sys.stdout.reconfigure(line_buffering=True)  # one write per line, even into a pipe or file
+    torch.manual_seed(args.seed)  # the same initial weights on every run
     device = pick_device()
-    print(f"[{device.type}:0] device {device.type} | backend none | world_size 1 | "
-          f"GPUs here {torch.accelerator.device_count()}")
+    print(f"[{device}] device {device.type} | backend none"
+          f" | world_size 1 | GPUs here {torch.accelerator.device_count()}")
     dataset, model, optimizer = load_train_objs(args)
     train_data = prepare_dataloader(dataset, args.batch_size, device)
-    trainer = Trainer(model, train_data, optimizer, device, args.save_every, args.checkpoint_path, args.log_file)
+    trainer = Trainer(model, train_data, optimizer, device, args.save_every,
+                      args.checkpoint_path, args.log_file)
     trainer.train(args.max_epochs)
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description="Step 01: train a toy regression model on one device.")
+    parser = argparse.ArgumentParser(description="Step 01: train a toy model on one device.")
     parser.add_argument("--max_epochs", type=int, default=10, help="epochs to train (default: 10)")
-    parser.add_argument("--batch_size", type=int, default=32, help="samples per batch (default: 32)")
-    parser.add_argument("--save_every", type=int, default=5, help="save a checkpoint every N epochs (default: 5)")
+    parser.add_argument("--batch_size", type=int, default=32, help="batch size (default: 32)")
+    parser.add_argument("--save_every", type=int, default=5, help="epochs per save (default: 5)")
     parser.add_argument("--lr", type=float, default=0.01, help="SGD learning rate (default: 0.01)")
-    parser.add_argument("--seed", type=int, default=0, help="seed for the initial weights and data order")
-    parser.add_argument("--dataset_size", type=int, default=4096, help="samples in the data set (default: 4096)")
-    parser.add_argument("--checkpoint_path", default="checkpoint.pt", help="where to save (default: checkpoint.pt)")
-    parser.add_argument("--log_file", default=None, help="append one JSON line per epoch here (for plots)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the initial weights")
+    parser.add_argument("--dataset_size", type=int, default=4096, help="samples (default: 4096)")
+    parser.add_argument("--checkpoint_path", default="checkpoint.pt", help="where to save")
+    parser.add_argument("--log_file", default=None, help="append a JSON line per epoch (for plots)")
     return check_args(parser, parser.parse_args(argv))
 
 
-# ---- Guards and conveniences: clear one-line errors for bad input. Not the lesson; read them last. ----------
+# ---- Guards: argument checks, one line each. Not the lesson: read them last. ---------------------
 def check_args(parser, args):
     for name in ("max_epochs", "batch_size", "save_every", "dataset_size"):
         if getattr(args, name) < 1:

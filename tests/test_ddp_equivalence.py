@@ -22,7 +22,7 @@ STEP02 = "02_multigpu_mp_spawn.py"
 def single_process_on_union(step, args, world_size):
     torch.manual_seed(args.seed)  # the script seeds the same way before building the model
     dataset, model, optimizer = step.load_train_objs(args)
-    samplers = [DistributedSampler(dataset, num_replicas=world_size, rank=r, seed=args.seed)
+    samplers = [DistributedSampler(dataset, num_replicas=world_size, rank=r)
                 for r in range(world_size)]
     steps = 0
     for epoch in range(args.max_epochs):
