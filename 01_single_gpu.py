@@ -15,21 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
-
-class RegressionDataset(Dataset):
-    """y = w·x + small noise, from a fixed seed of its own: every run and process gets the same."""
-
-    def __init__(self, size: int, in_features: int = 20, noise: float = 0.05):
-        g = torch.Generator().manual_seed(1234)
-        true_weight = torch.randn(in_features, 1, generator=g)
-        self.inputs = torch.randn(size, in_features, generator=g)
-        self.targets = self.inputs @ true_weight + noise * torch.randn(size, 1, generator=g)
-
-    def __len__(self):
-        return len(self.inputs)
-
-    def __getitem__(self, index):
-        return self.inputs[index], self.targets[index]
+from plumbing import RegressionDataset  # the toy data set: y = w·x + noise
 
 
 def pick_device() -> torch.device:
@@ -110,7 +96,7 @@ def prepare_dataloader(dataset: Dataset, batch_size: int, device: torch.device):
 
 
 def main(args):
-    sys.stdout.reconfigure(line_buffering=True)  # one write per line, even into a pipe or file
+    sys.stdout.reconfigure(line_buffering=True, write_through=False)  # one write per whole line
     torch.manual_seed(args.seed)  # the same initial weights on every run
     device = pick_device()
     print(f"[{device}] device {device.type} | backend none"

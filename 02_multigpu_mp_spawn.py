@@ -19,23 +19,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, Dataset
 from torch.utils.data.distributed import DistributedSampler
 
+from plumbing import RegressionDataset  # the toy data set: y = w·x + noise
+
 BACKENDS = {"cuda": "nccl", "xpu": "xccl"}  # how NVIDIA or Intel GPUs talk; CPUs use Gloo
-
-
-class RegressionDataset(Dataset):
-    """y = w·x + small noise, from a fixed seed of its own: every run and process gets the same."""
-
-    def __init__(self, size: int, in_features: int = 20, noise: float = 0.05):
-        g = torch.Generator().manual_seed(1234)
-        true_weight = torch.randn(in_features, 1, generator=g)
-        self.inputs = torch.randn(size, in_features, generator=g)
-        self.targets = self.inputs @ true_weight + noise * torch.randn(size, 1, generator=g)
-
-    def __len__(self):
-        return len(self.inputs)
-
-    def __getitem__(self, index):
-        return self.inputs[index], self.targets[index]
 
 
 def pick_device(gpu_index: int, processes_per_node: int):
@@ -127,7 +113,7 @@ def prepare_dataloader(dataset: Dataset, batch_size: int, device: torch.device):
 
 
 def main(rank: int, world_size: int, args):
-    sys.stdout.reconfigure(line_buffering=True)  # one write per line, even into a pipe or file
+    sys.stdout.reconfigure(line_buffering=True, write_through=False)  # one write per whole line
     device, backend = pick_device(rank, world_size)
     ddp_setup(rank, world_size, device, backend)
     torch.manual_seed(args.seed)  # the same initial weights on every run

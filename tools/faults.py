@@ -6,6 +6,7 @@ Start it with torchrun in place of the step; it loads the step, patches one meth
         03_multigpu_torchrun.py --max_epochs 6
     torchrun --standalone --nproc-per-node 2 tools/faults.py --inf-at-step 70 06_amp.py --dtype fp16
     torchrun --standalone --nproc-per-node 1 tools/faults.py --die-while-saving 03_multigpu_torchrun.py
+    torchrun --nnodes 2 ... tools/faults.py --other-backend nccl 03_multigpu_torchrun.py   # each node
 
 --crash-at-epoch E   one rank (--rank, default the last) raises at the start of epoch E, on torchrun's first
                      attempt only (TORCHELASTIC_RESTART_COUNT 0), so that a restart can resume. On several nodes
@@ -15,6 +16,8 @@ Start it with torchrun in place of the step; it loads the step, patches one meth
                      gradients overflow (step 06); rank 0 prints what GradScaler did about it
 --die-while-saving   the first snapshot write stops the process half-way (half the bytes, then os._exit(17)),
                      as a power cut or kill -9 would
+--other-backend B    the processes of the node torchrun numbered 1 (GROUP_RANK) pick backend B, the device
+                     unchanged: as a node with fewer GPUs than processes picks Gloo where the others pick NCCL
 """
 import argparse
 import importlib.util
@@ -33,6 +36,7 @@ def load_step(script: str):
     path = Path(script) if Path(script).is_file() else REPO / script
     if not path.is_file():
         raise SystemExit(f"error: no step script {script}")
+    sys.path.insert(0, str(path.resolve().parent))  # as python does for a script: plumbing.py
     spec = importlib.util.spec_from_file_location("step_under_test", path)
     step = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(step)  # defines everything; its `if __name__ == "__main__"` part does not run
@@ -101,6 +105,16 @@ def die_while_saving():
     torch.save = save_half_then_die
 
 
+def other_backend(step, backend: str):
+    pick_device = step.pick_device
+
+    def pick(*args, **kwargs):
+        device, picked = pick_device(*args, **kwargs)
+        return device, backend if os.environ.get("GROUP_RANK") == "1" else picked
+
+    step.pick_device = pick
+
+
 def main():
     parser = argparse.ArgumentParser(description="Run a torchrun step with one injected fault (tour and tests).",
                                      usage="torchrun ... tools/faults.py FAULT [--rank R] STEP.py [STEP ARGS]")
@@ -108,6 +122,7 @@ def main():
     fault.add_argument("--crash-at-epoch", type=int, metavar="E", help="a rank raises at the start of epoch E")
     fault.add_argument("--inf-at-step", type=int, metavar="S", help="a rank's loss is inf at optimizer step S")
     fault.add_argument("--die-while-saving", action="store_true", help="die half-way through the first save")
+    fault.add_argument("--other-backend", metavar="B", help="node 1's processes pick backend B")
     parser.add_argument("--rank", type=int, default=None, help="which rank fails (default: the last)")
     parser.add_argument("--once-file", default=None, metavar="F", help="--crash-at-epoch: crash only if F does not "
                         "exist, and create it (for several nodes, whose restart counts differ)")
@@ -122,6 +137,8 @@ def main():
         crash_at_epoch(step, args.crash_at_epoch, args.rank, args.once_file)
     elif args.inf_at_step is not None:
         inf_at_step(step, args.inf_at_step, args.rank)
+    elif args.other_backend is not None:
+        other_backend(step, args.other_backend)
     else:
         die_while_saving()
     sys.argv = [args.script, *args.script_args]
