@@ -3,6 +3,9 @@
 Every test that needs several processes starts them for real (gloo on CPU) as
 subprocesses, exactly as a learner would from the shell. Nothing in
 torch.distributed is mocked.
+
+Every command runs through tools/proc.py: in a session of its own, and past its time limit it is
+ended with its whole session and every descendant (torchrun's workers run in sessions of their own).
 """
 import importlib.util
 import os
@@ -10,70 +13,171 @@ import re
 import socket
 import subprocess
 import sys
+import tempfile
+import time
 import warnings
+import weakref
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-
+sys.path.insert(0, str(REPO / "tools"))
+import proc as proc_tools  # noqa: E402  (tools/proc.py: the run that ends its whole session on timeout)
 
 # A minGPT-ddp small enough to train a few dozen steps in seconds on one core per rank.
 TINY_GPT = ["model.n_layer=2", "model.n_head=2", "model.n_embd=32", "model.block_size=32", "trainer.batch_size=8",
             "trainer.eval_iters=4", "trainer.warmup_iters=5", "trainer.log_interval=5", "trainer.eval_interval=10"]
 
+# What the terminal summary reports (pytest_terminal_summary below): how often the suite needed a tolerance.
+TOLERATED = {"exit aborts": [], "port retries": []}
+
+
+def note(kind: str, what: str):
+    """Record one use of a tolerance, with the test that needed it, for the terminal summary."""
+    test = os.environ.get("PYTEST_CURRENT_TEST", "?").rsplit(" ", 1)[0]
+    TOLERATED[kind].append(f"{test}: {' '.join(what.split())[:160]}")
+
+
+# ---- Ports -------------------------------------------------------------------------------------------------
+# Where a child can bind port 0 itself, it does: `torchrun --standalone` picks its own rendezvous port. Where a
+# port has to be chosen before the launch (mp.spawn's MASTER_PORT, a c10d endpoint shared by two torchrun
+# "nodes", Slurm's RDZV_PORT), free_port() picks one that is free now; another process may take it before the
+# child binds it (the child imports torch first: seconds). run() and start_nodes() then launch once more with
+# new ports, but only for a clash on a port that free_port() handed out.
+HANDED_OUT = set()
+PORT_CLASH = re.compile(r"address already in use|EADDRINUSE", re.IGNORECASE)
+
 
 def free_port() -> int:
-    """A TCP port nobody listens on right now (the OS picks it), so parallel tests never collide."""
+    """A TCP port nobody listens on right now (the OS picks it); see above for the window until it is bound."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        port = s.getsockname()[1]
+    HANDED_OUT.add(port)
+    return port
+
+
+@pytest.fixture(autouse=True)
+def _ports_of_this_test():
+    """Only ports handed out for this test count as ours: a port another test used and released may come back
+    from the OS to a socket this test binds on purpose (test_cli's busy port)."""
+    HANDED_OUT.clear()
+
+
+def ports_in(cmd, env) -> set:
+    """The ports from free_port() that a command line or its environment names (as a whole number)."""
+    texts = [str(c) for c in cmd] + [str(v) for v in (env or {}).values()]
+    return {port for port in HANDED_OUT if any(re.search(rf"(?<!\d){port}(?!\d)", t) for t in texts)}
+
+
+def with_new_ports(ports, cmd, env):
+    """cmd and env with every port in `ports` replaced by a fresh free_port()."""
+    new = {str(port): str(free_port()) for port in ports}
+    pattern = re.compile(r"(?<!\d)(" + "|".join(new) + r")(?!\d)")
+
+    def swap(text):
+        return pattern.sub(lambda m: new[m.group(1)], str(text))
+    return [swap(c) for c in cmd], {k: swap(v) for k, v in env.items()}
+
+
+def port_clash(done) -> bool:
+    return bool(PORT_CLASH.search((done.stdout or "") + (done.stderr or "")))
 
 
 def cpu_env(**extra) -> dict:
     """Environment for a worker: CPU only, one thread per process (this machine has 2 cores)."""
     env = dict(os.environ)
     # PYTHONFAULTHANDLER: a worker that dies of a signal prints every thread's Python stack first.
-    # MASTER_PORT: step 02 (mp.spawn) listens there; a free one, so that tests never collide.
+    # MASTER_PORT: where mp.spawn's rank 0 listens (steps 02, 04 without torchrun, ddp_errors.py); torchrun
+    # --standalone ignores it and binds a port of its own.
     env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", CUDA_VISIBLE_DEVICES="", PYTHONFAULTHANDLER="1",
                MASTER_PORT=str(free_port()))
     env.update({k: str(v) for k, v in extra.items()})
     return env
 
 
-# A PyTorch bug at interpreter exit, not ours (no public PyTorch issue found that matches; see README, troubleshooting): a Gloo worker thread
-# can drop its last reference to a tensor of the final collective after Python began shutting down;
-# Python then ends that thread and C++ aborts (SIGABRT) although training finished and every file
-# was written. Not rare: 2 of 30 runs of step 06 on 2 processes; the scripts' barrier before
-# destroy_process_group makes it much rarer, not impossible.
+# ---- The Gloo exit abort ------------------------------------------------------------------------------------
+# A PyTorch bug at interpreter exit, not ours (README, troubleshooting): a Gloo worker thread can drop its last
+# reference to a tensor of the final collective after Python began shutting down; C++ then aborts the process
+# (SIGABRT) although training finished and every file was written. Until the steps end it (another change),
+# the tests accept exactly that abort, and the terminal summary counts each one (TOLERATED).
 EXIT_ABORT = "terminate called without an active exception"
+# rank 0's last line: steps 01-03, 05, 06 and minGPT-ddp "Finished training", step 04 "Done: " (it trains nothing)
+FINISHED = re.compile(r"^\[[^\]\n]+\] (Finished training|Done: )", re.MULTILINE)
+SPAWN_ABORT = re.compile(r"ProcessExitedException: process \d+ terminated with signal SIGABRT")
+_counted = weakref.WeakSet()  # a run asked twice is counted once
 
 
 def aborted_only_at_exit(proc) -> bool:
-    """True for that crash alone: the run printed its last line, and every process that failed was aborted
-    by it (SIGABRT, exit code -6) or stopped by torchrun because of it (SIGTERM, -15)."""
-    final_report = proc.stderr.rsplit("ChildFailedError", 1)[-1]  # torchrun's report on its last attempt
+    """True for that crash alone: rank 0 printed its last line, C++ reported the abort, and every process that
+    failed was aborted by it (SIGABRT) or stopped because of it:
+    * torchrun: its report on the last attempt lists exit codes -6 (SIGABRT) and -15 (SIGTERM, stopped by
+      torchrun because a peer failed) only;
+    * mp.spawn (steps 02, 04): the parent's error is 'process N terminated with signal SIGABRT' (it stops the
+      others itself), and no process raised an exception."""
+    out = proc.stdout or ""
+    err = proc.stderr if proc.stderr is not None else out  # merge_output: one text
+    if proc.returncode == 0 or EXIT_ABORT not in err or not FINISHED.search(out):
+        return False
+    final_report = err.rsplit("ChildFailedError", 1)[-1] if "ChildFailedError" in err else ""
     codes = set(re.findall(r"exitcode\s*:\s*(-?\d+)", final_report))
-    finished = "Finished training" in proc.stdout or "] Done: " in proc.stdout  # step 04 trains nothing
-    return (EXIT_ABORT in proc.stderr and finished
-            and "-6" in codes and codes <= {"-6", "-15"})
+    by_torchrun = "-6" in codes and codes <= {"-6", "-15"}
+    by_spawn = bool(SPAWN_ABORT.search(err)) and "terminated with the following error" not in err
+    if (by_torchrun or by_spawn) and proc not in _counted:
+        _counted.add(proc)
+        note("exit aborts", " ".join(map(str, proc.args)))
+    return by_torchrun or by_spawn
 
 
-def run(cmd, cwd, timeout=180, env=None, check=True) -> subprocess.CompletedProcess:
-    """Run a command, capture its output; on an unexpected exit code fail with the output shown."""
-    cmd = [str(c) for c in cmd]
-    proc = subprocess.run(cmd, cwd=cwd, env=env or cpu_env(), capture_output=True, text=True,
-                          timeout=timeout, stdin=subprocess.DEVNULL)
-    if check and proc.returncode != 0 and aborted_only_at_exit(proc):
+def pytest_terminal_summary(terminalreporter):
+    """The rate of tolerated exit aborts and port retries, visible in every run's summary."""
+    aborts, retries = TOLERATED["exit aborts"], TOLERATED["port retries"]
+    terminalreporter.section("tolerated")
+    terminalreporter.write_line(f"Gloo exit aborts accepted after a finished run: {len(aborts)} "
+                                f"(of {LAUNCHES[0]} commands started through conftest); "
+                                f"launches repeated after a port clash: {len(retries)}")
+    for line in aborts + retries:
+        terminalreporter.write_line(f"  {line}")
+
+
+# ---- Running commands ---------------------------------------------------------------------------------------
+LAUNCHES = [0]
+
+
+def _launch(cmd, cwd, env, timeout, merge_output):
+    LAUNCHES[0] += 1
+    return proc_tools.run(cmd, cwd=cwd, env=env, timeout=timeout, merge_output=merge_output)
+
+
+def output_of(done) -> str:
+    return f"--- stdout ---\n{(done.stdout or '')[-4000:]}\n--- stderr ---\n{(done.stderr or '')[-4000:]}"
+
+
+def run(cmd, cwd, timeout=180, env=None, check=True, merge_output=False) -> subprocess.CompletedProcess:
+    """Run a command, capture its output; on an unexpected exit code fail with the output shown.
+
+    Past `timeout` seconds the command, its session and every descendant are killed and the test fails
+    (whatever `check`). A launch that fails on a port clash, on a port free_port() chose, runs once more on new
+    ports. merge_output: stderr into stdout, in print order (stderr is then None)."""
+    cmd, env = [str(c) for c in cmd], env or cpu_env()
+    done = _launch(cmd, cwd, env, timeout, merge_output)
+    ours = ports_in(cmd, env)
+    if done.returncode != 0 and not done.timed_out and port_clash(done) and ours:
+        note("port retries", f"ports {sorted(ours)} taken: {' '.join(cmd)}")
+        cmd, env = with_new_ports(ours, cmd, env)
+        done = _launch(cmd, cwd, env, timeout, merge_output)
+    if done.timed_out:
+        raise AssertionError(f"command still running after {timeout} s, killed with its whole session: "
+                             f"{' '.join(cmd)}\n{output_of(done)}")
+    if check and done.returncode != 0 and aborted_only_at_exit(done):
         warnings.warn(f"a process aborted after training had finished (PyTorch/Gloo exit crash, "
                       f"see README, troubleshooting): {' '.join(cmd)}")
-        return proc
-    if check and proc.returncode != 0:
-        raise AssertionError(
-            f"command failed with exit code {proc.returncode}: {' '.join(cmd)}\n"
-            f"--- stdout ---\n{proc.stdout[-4000:]}\n--- stderr ---\n{proc.stderr[-4000:]}")
-    return proc
+        return done
+    if check and done.returncode != 0:
+        raise AssertionError(f"command failed with exit code {done.returncode}: {' '.join(cmd)}\n{output_of(done)}")
+    return done
 
 
 def torchrun(nproc, script, *args, standalone=True, extra=()):
@@ -87,25 +191,63 @@ def torchrun(nproc, script, *args, standalone=True, extra=()):
 
 def start_nodes(folders, args, extra=(), timeout=180) -> list:
     """Torchrun "nodes" on this machine, one process each, meeting through c10d rendezvous on 127.0.0.1; node i
-    works in folders[i] (its own disk). Returns each node's CompletedProcess once all have ended; a hang fails."""
-    port = free_port()
-    procs = []
+    works in folders[i] (its own disk). Returns each node's CompletedProcess once all have ended. A hang fails
+    the test, with every node's session and workers killed; a clash on the rendezvous port starts all nodes
+    once more on another port."""
+    results = _start_nodes(folders, args, extra, timeout, free_port())
+    clashed = [r for r in results if r.returncode != 0 and port_clash(r)]
+    if clashed:
+        note("port retries", f"rendezvous port {clashed[0].port} taken: {' '.join(map(str, args))}")
+        results = _start_nodes(folders, args, extra, timeout, free_port())
+    return results
+
+
+def _start_nodes(folders, args, extra, timeout, port):
+    procs, logs = [], []
     for node_rank, folder in enumerate(folders):
         cmd = torchrun(1, *args, standalone=False,
                        extra=["--nnodes", len(folders), "--node-rank", node_rank, "--rdzv-backend", "c10d",
                               "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", f"test-{port}",
                               "--local-addr", "127.0.0.1", *extra])
-        procs.append(subprocess.Popen([str(c) for c in cmd], cwd=folder, env=cpu_env(), stdout=subprocess.PIPE,
-                                      stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL))
+        # Files, not pipes: nothing blocks on a full pipe while the others are polled. Appending: reading
+        # them (which moves the offset the child shares) cannot make the child overwrite what it wrote.
+        out, err = tempfile.TemporaryFile("a+"), tempfile.TemporaryFile("a+")
+        logs.append((out, err))
+        LAUNCHES[0] += 1
+        procs.append(subprocess.Popen([str(c) for c in cmd], cwd=folder, env=cpu_env(), stdout=out, stderr=err,
+                                      text=True, stdin=subprocess.DEVNULL, start_new_session=True))
+    deadline = time.monotonic() + timeout
     try:
-        results = []
-        for proc in procs:
-            stdout, stderr = proc.communicate(timeout=timeout)
-            results.append(subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr))
-        return results
+        while any(p.poll() is None for p in procs):
+            if time.monotonic() > deadline:
+                break
+            # The rendezvous host could not listen: the others would wait for it until their own timeout.
+            if any(p.poll() not in (None, 0) and PORT_CLASH.search(read(e)) for p, (_, e) in zip(procs, logs)):
+                break
+            time.sleep(0.2)
     finally:
-        for proc in procs:
-            proc.kill()
+        hung = [p for p in procs if p.poll() is None]
+        for p in hung:
+            proc_tools.end_session(p)
+        for p in procs:
+            p.wait()
+    results = []
+    for p, (out, err) in zip(procs, logs):
+        done = subprocess.CompletedProcess(p.args, p.returncode, read(out), read(err))
+        done.port = port
+        results.append(done)
+        out.close()
+        err.close()
+    if hung and not any(port_clash(r) for r in results):
+        raise AssertionError(f"{len(hung)} of {len(procs)} nodes still running after {timeout} s, killed:\n"
+                             + "\n".join(f"node {i}:\n{output_of(r)}" for i, r in enumerate(results)))
+    return results
+
+
+def read(f) -> str:
+    f.flush()
+    f.seek(0)
+    return f.read()
 
 
 def load_script(filename: str):
