@@ -18,6 +18,14 @@ from pathlib import Path
 # file's own location says where the repository is: it lives in <repo>/notebooks/.
 REPO = Path(os.environ.get("DDP_STEPS_REPO") or Path(__file__).resolve().parents[1]).resolve()
 
+# Quick mode: the test suite sets NB_QUICK=1 and the notebooks then run fewer epochs, steps and processes,
+# so that every cell (and every assert in it) still runs, in a fraction of the time. Opened by hand, a
+# notebook runs its full sizes, the ones its text and committed pictures describe.
+QUICK = os.environ.get("NB_QUICK") == "1"
+
+sys.path.insert(0, str(REPO / "tools"))
+import proc as _proc  # noqa: E402  (tools/proc.py: a time limit that ends the command and all its processes)
+
 SCRATCH = Path(tempfile.mkdtemp(prefix="ddp-steps-notebook-"))
 atexit.register(shutil.rmtree, SCRATCH, ignore_errors=True)
 
@@ -80,16 +88,22 @@ def torchrun_cmd(nproc: int, script, *args) -> list:
             str(script_path(script)), *map(str, args)]
 
 
-# A PyTorch bug at interpreter exit (the README.s troubleshooting has it): a Gloo thread
+# A PyTorch bug at interpreter exit (the README's troubleshooting has it): a Gloo thread
 # can abort a process (SIGABRT) after it has finished its work and written its files.
+# The same rule as the tests' (tests/conftest.py, aborted_only_at_exit), with the last line given.
 EXIT_ABORT = "terminate called without an active exception"
+EXIT_ABORT_NOTE = "(a process aborted at exit after it had finished: the PyTorch/Gloo exit bug"
 
 
 def aborted_after_finishing(proc, finished: str) -> bool:
-    """True for that crash alone: the run printed `finished`, and torchrun's last report lists only processes
-    aborted by it (exit code -6) or stopped because of it (-15)."""
+    """True for that crash alone: the run printed `finished`, and every process that failed was aborted by it
+    (exit code -6, SIGABRT) or stopped because of it: torchrun's last report lists only -6 and -15 (SIGTERM),
+    or mp.spawn says 'terminated with signal SIGABRT' and no process raised an error."""
     codes = set(re.findall(r"exitcode\s*:\s*(-?\d+)", proc.stderr.rsplit("ChildFailedError", 1)[-1]))
-    return EXIT_ABORT in proc.stderr and finished in proc.stdout and "-6" in codes and codes <= {"-6", "-15"}
+    by_torchrun = "ChildFailedError" in proc.stderr and "-6" in codes and codes <= {"-6", "-15"}
+    by_spawn = (re.search(r"process \d+ terminated with signal SIGABRT", proc.stderr) is not None
+                and "terminated with the following error" not in proc.stderr)
+    return EXIT_ABORT in proc.stderr and finished in proc.stdout and (by_torchrun or by_spawn)
 
 
 def run(cmd, timeout: int = 300, show: int = 3, env=None, cwd=None, check: bool = True,
@@ -97,13 +111,15 @@ def run(cmd, timeout: int = 300, show: int = 3, env=None, cwd=None, check: bool 
     """Run a command to completion in SCRATCH (or cwd); print its last `show` lines of output.
     A failure raises with the output's tail, so the notebook cell (and the test running it) fails;
     check=False returns it instead, for a command that is meant to fail. The one failure accepted: the
-    exit abort above, after the run printed `finished` (it says so)."""
+    exit abort above, after the run printed `finished` (it says so). Past `timeout` seconds the command
+    and every process it started are ended, and the cell fails."""
     cmd = [str(c) for c in cmd]
-    proc = subprocess.run(cmd, cwd=cwd or SCRATCH, env=env or worker_env(), capture_output=True, text=True,
-                          timeout=timeout, stdin=subprocess.DEVNULL)
+    proc = _proc.run(cmd, cwd=cwd or SCRATCH, env=env or worker_env(), timeout=timeout)
+    if proc.timed_out:
+        raise RuntimeError(f"still running after {timeout} s, stopped: {' '.join(cmd)}\n"
+                           f"--- stdout ---\n{proc.stdout[-3000:]}\n--- stderr ---\n{proc.stderr[-3000:]}")
     if check and proc.returncode != 0 and aborted_after_finishing(proc, finished):
-        print("  (a process aborted at exit after it had finished: the PyTorch/Gloo exit bug in the README.s troubleshooting; "
-              "its results are complete)")
+        print(f"  {EXIT_ABORT_NOTE} in the README's troubleshooting; its results are complete)")
     elif check and proc.returncode != 0:
         raise RuntimeError(f"exit code {proc.returncode}: {' '.join(cmd)}\n--- stdout ---\n{proc.stdout[-3000:]}"
                            f"\n--- stderr ---\n{proc.stderr[-3000:]}")
