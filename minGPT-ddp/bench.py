@@ -104,9 +104,8 @@ def memory_step(trainer, it: int) -> dict:
     params = list(trainer.raw_model.parameters())
     grad_bytes = local_bytes(p.grad for p in params if p.grad is not None)
     trainer.optimizer_step()
-    optimizer_state = [v for state in trainer.optimizer.state.values() for v in state.values() if torch.is_tensor(v)]
     return {"param_bytes": local_bytes(params), "grad_bytes": grad_bytes,
-            "optimizer_bytes": local_bytes(optimizer_state)}
+            "optimizer_bytes": local_bytes(trainer.local_optimizer_state())}
 
 
 def measure(args, overrides):

@@ -74,6 +74,13 @@ def split_args(args: list):
 
 def load(args: list):
     """(Config, the yaml path, the overrides) from command-line arguments, or a one-line error."""
+    cfg, config_path, overrides = parse(args)
+    validate(cfg)
+    return cfg, config_path, overrides
+
+
+def parse(args: list):
+    """load() without validate(): every value of the right type, not yet checked against its range."""
     config_path, overrides = split_args(args)
     config_path = Path(config_path) if config_path else default_config_path()
     try:
@@ -101,19 +108,18 @@ def load(args: list):
     except OmegaConfBaseException as e:  # a value of the wrong type
         key = getattr(e, "full_key", None) or "?"
         raise config_error(f"bad value for config key {key}: {str(e).splitlines()[0]}") from None
-    validate(cfg)
     return cfg, config_path, overrides
 
 
-def validate(cfg: Config):
-    """Every value in its range, or one line naming the key and the range (exit code 2).
+def rules(cfg: Config) -> tuple:
+    """(key, test of its value, the allowed range in words) for every rule, in the order they run.
 
-    The rules run in order, so a rule may rely on the keys checked above it (n_head >= 1 before
-    n_embd % n_head). Without them a bad value trains nonsense: model.block_size=0 gives NaN
-    losses and exits 0, trainer.beta2=1.5 makes AdamW diverge.
+    A rule may rely on the keys checked above it (n_head >= 1 before n_embd % n_head). Without them a
+    bad value trains nonsense: model.block_size=0 gives NaN losses and exits 0, trainer.beta2=1.5 makes
+    AdamW diverge. (tests/test_mingpt_config.py has a case for every rule: a new one needs its own.)
     """
     m, t = cfg.model, cfg.trainer
-    rules = (  # key, test of its value, the allowed range in words
+    return (
         ("model.n_layer", lambda v: v >= 1, "at least 1"),
         ("model.n_head", lambda v: v >= 1, "at least 1"),
         ("model.n_embd", lambda v: v >= 1, "at least 1"),
@@ -145,12 +151,31 @@ def validate(cfg: Config):
         ("trainer.dtype", lambda v: v in ("auto", *trainer.DTYPES), f"one of auto, {', '.join(trainer.DTYPES)}"),
         ("trainer.peak_flops", lambda v: v is None or v > 0, "null (data sheet or measured) or positive"),
         ("trainer.strategy", lambda v: v in trainer.STRATEGIES, f"one of {', '.join(trainer.STRATEGIES)}"),
+        ("trainer.reshard_after_forward", lambda v: v or t.strategy == "fsdp",
+         "true unless trainer.strategy=fsdp (an FSDP setting)"),
+        ("trainer.bucket_cap_mb", lambda v: v > 0, "positive"),
+        ("trainer.comm_hook", lambda v: v in trainer.COMM_HOOKS, f"one of {', '.join(trainer.COMM_HOOKS)}"),
+        ("trainer.comm_hook", lambda v: v == "none" or t.strategy in ("ddp", "zero1"),
+         "none unless trainer.strategy is ddp or zero1 (a hook of torch's DDP)"),
         ("trainer.timeout_minutes", lambda v: v > 0, "positive"),
     )
-    for key, ok, allowed in rules:
+
+
+def first_broken_rule(cfg: Config):
+    """(index, key, value, allowed) of the first rule that cfg breaks, or None."""
+    for index, (key, ok, allowed) in enumerate(rules(cfg)):
         value = operator.attrgetter(key)(cfg)
         if not ok(value):
-            raise config_error(f"{key}={value}: must be {allowed}")
+            return index, key, value, allowed
+    return None
+
+
+def validate(cfg: Config):
+    """Every value in its range, or one line naming the key and the range (exit code 2)."""
+    broken = first_broken_rule(cfg)
+    if broken:
+        _, key, value, allowed = broken
+        raise config_error(f"{key}={value}: must be {allowed}")
 
 
 def as_yaml(cfg: Config) -> str:

@@ -1,5 +1,6 @@
 """Train a character-level GPT with DistributedDataParallel: one process, or N under torchrun.
-trainer.strategy=fsdp shards the model over the N processes instead (FSDP2).
+trainer.strategy=handmade averages the gradients with the hand-written DDP of handmade.py;
+zero1 shards the AdamW state over the N processes, fsdp the whole model (FSDP2).
 
 Without data.path the model trains on Python's own standard library sources (offline, on
 any machine). Snapshots go to trainer.snapshot_path; continue a run with trainer.resume=true
@@ -128,9 +129,9 @@ def main(args: list):
         tcfg, mcfg = cfg.trainer, cfg.model
         rt.print(f"model {trainer.raw_model.num_params() / 1e6:.2f}M parameters | {mcfg.n_layer} layers, "
                  f"{mcfg.n_head} heads, {mcfg.n_embd} embd, block {mcfg.block_size}, dropout {mcfg.dropout} | "
-                 f"strategy {tcfg.strategy} | dtype {str(trainer.dtype).removeprefix('torch.')} | "
+                 f"strategy {strategy_name(tcfg)} | dtype {str(trainer.dtype).removeprefix('torch.')} | "
                  f"compile {'on' if tcfg.compile else 'off'}")
-        rt.print(f"global batch {tcfg.batch_size} seqs x {mcfg.block_size} tokens x {tcfg.grad_accum_steps} "
+        rt.print(f"global batch {tcfg.batch_size} seqs x {mcfg.block_size} tokens x {trainer.accum_steps} "
                  f"micro-steps x {rt.world_size} ranks = {trainer.tokens_per_step:,} tokens/step | "
                  f"lr {trainer.max_lr:.2e} (x{trainer.lr_scale:.3g}, lr_scaling {tcfg.lr_scaling}) | "
                  f"AdamW {trainer.optimizer_kind} | MFU peak {trainer.peak_flops / 1e9:,.0f} GFLOP/s per rank "
@@ -147,6 +148,12 @@ def main(args: list):
         time.sleep(0.1)
     finally:
         ddp_setup.stop(rt)
+
+
+def strategy_name(tcfg) -> str:
+    if tcfg.strategy == "fsdp":
+        return "fsdp (ZeRO-3)" if tcfg.reshard_after_forward else "fsdp (ZeRO-2: reshard_after_forward false)"
+    return tcfg.strategy
 
 
 def build_trainer(cfg, data: CharData, rt: ddp_setup.Runtime, resume_state: Optional[dict] = None) -> Trainer:

@@ -2,9 +2,15 @@
 gradient accumulation, mixed precision, warmup + cosine learning rate, gradient clipping,
 evaluation averaged over ranks, logs (text, JSONL, progress bar) and snapshots to resume from.
 
-Two strategies (trainer.strategy): DDP keeps a whole copy of the model, its gradients and
-the AdamW state on every rank; FSDP (PyTorch's FSDP2, `fully_shard`) keeps 1/N of each on
-each of N ranks and gathers a block's weights only while that block computes.
+Four strategies (trainer.strategy), from the most memory per rank to the least:
+  ddp       torch's DistributedDataParallel: a whole copy of the model, its gradients and the AdamW
+            state on every rank; gradients averaged by all-reduce during backward();
+  handmade  the same, written out in handmade.py (hooks, buckets, async all-reduce) to read;
+  zero1     DDP with the AdamW state sharded (ZeroRedundancyOptimizer, ZeRO stage 1): each rank
+            steps 1/N of the weights and sends them to the others;
+  fsdp      PyTorch's FSDP2 (`fully_shard`): weights, gradients and AdamW state 1/N per rank, a
+            block's weights gathered only while it computes (ZeRO-3; ZeRO-2 with
+            trainer.reshard_after_forward=false: kept whole from forward until backward).
 """
 import json
 import math
@@ -22,11 +28,14 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      get_optimizer_state_dict, set_model_state_dict,
                                                      set_optimizer_state_dict)
 from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.optim import ZeroRedundancyOptimizer
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import ddp_setup
+import handmade
 import machine
 import mfu
 import snapshot
@@ -36,14 +45,18 @@ from model import GPT
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 LR_SCALINGS = ("none", "sqrt", "linear")
 RESUME_CHOICES = ("false", "true", "auto")
-STRATEGIES = ("ddp", "fsdp")
+STRATEGIES = ("ddp", "handmade", "zero1", "fsdp")
+COMM_HOOKS = {"none": None, "fp16": default_hooks.fp16_compress_hook, "bf16": default_hooks.bf16_compress_hook}
 
 
 @dataclass
 class TrainerConfig:
     max_iters: int = 5000  # optimizer steps; the same however many ranks run (see README)
     batch_size: int = 64  # sequences per rank per micro-step
-    grad_accum_steps: int = 1  # micro-steps per optimizer step
+    grad_accum_steps: int = 1  # micro-steps per optimizer step (of each rank; see fixed_global_batch)
+    # true: grad_accum_steps counts the micro-batches of all ranks together, each of N ranks runs 1/N of
+    # them: a step sees the same tokens on any number of ranks (nanoGPT's train_gpt2 does this).
+    fixed_global_batch: bool = False
     learning_rate: float = 6e-4
     min_lr: Optional[float] = None  # where the cosine ends; None: learning_rate / 10
     warmup_iters: int = 100
@@ -64,7 +77,13 @@ class TrainerConfig:
     compile: bool = False
     seed: int = 1337
     peak_flops: Optional[float] = None  # FLOP/s of one device for MFU; None: data sheet or measured
-    strategy: str = "ddp"  # ddp: a whole copy on every rank | fsdp: weights, gradients, AdamW state sharded
+    strategy: str = "ddp"  # ddp | handmade | zero1 | fsdp: see this file's docstring
+    reshard_after_forward: bool = True  # fsdp: true ZeRO-3, false ZeRO-2 (weights whole until backward)
+    # DDP's levers (ddp, zero1; bucket_cap_mb also handmade). README, "Making DDP fast", has them measured.
+    bucket_cap_mb: float = 25.0  # gradients per all-reduce: one starts as soon as its bucket is full
+    gradient_as_bucket_view: bool = True  # .grad lives in DDP's buckets: no copy in or out, less memory
+    static_graph: bool = False  # true: DDP may assume every step uses the same parameters
+    comm_hook: str = "none"  # none | fp16 | bf16: send gradients compressed (changes the result)
     timeout_minutes: float = 10.0  # how long a collective waits for the other ranks before it fails
     deterministic: bool = False  # true: deterministic kernels only, so a resumed GPU run can end bit-identical
 
@@ -78,9 +97,17 @@ def config_error(message: str) -> SystemExit:
 
 def check_setup(cfg: TrainerConfig, rt: ddp_setup.Runtime):
     """What is wrong with this world size or this machine. Every rank decides alike, and stops at once."""
-    if cfg.strategy == "fsdp" and not rt.distributed:
-        raise config_error("trainer.strategy=fsdp shards the model over processes: start it with torchrun "
+    if cfg.strategy in ("zero1", "fsdp") and not rt.distributed:
+        raise config_error(f"trainer.strategy={cfg.strategy} shards over processes: start it with torchrun "
                            "(torchrun --standalone --nproc-per-node 2 minGPT-ddp/main.py ...)")
+    if cfg.fixed_global_batch and cfg.grad_accum_steps % rt.world_size:
+        raise config_error(f"trainer.fixed_global_batch=true shares trainer.grad_accum_steps="
+                           f"{cfg.grad_accum_steps} micro-batches among the ranks: {rt.world_size} ranks "
+                           "cannot share them evenly; make trainer.grad_accum_steps a multiple of "
+                           f"{rt.world_size} (and trainer.batch_size smaller, for the same global batch)")
+    if cfg.comm_hook == "bf16" and rt.backend not in ("nccl", "xccl"):
+        raise config_error(f"trainer.comm_hook=bf16 needs NCCL or XCCL (PyTorch's bf16_compress_hook), "
+                           f"not {rt.backend or 'one process'}; use trainer.comm_hook=fp16")
     if cfg.strategy == "fsdp" and cfg.eval_iters % rt.world_size:
         # Every forward gathers weights from all ranks, so all ranks must run the same number of them.
         raise config_error(f"trainer.strategy=fsdp needs the same number of validation batches on every rank: "
@@ -119,27 +146,78 @@ def use_deterministic_kernels():
     torch.backends.cudnn.benchmark = False
 
 
-def shard(model: GPT, rt: ddp_setup.Runtime, dtype: torch.dtype) -> GPT:
+def micro_steps_per_rank(cfg: TrainerConfig, world_size: int) -> int:
+    return cfg.grad_accum_steps // world_size if cfg.fixed_global_batch else cfg.grad_accum_steps
+
+
+def shard(model: GPT, rt: ddp_setup.Runtime, dtype: torch.dtype, reshard_after_forward: bool) -> GPT:
     """FSDP2: each block, then the rest (embeddings, final norm, head), becomes one unit whose weights
     are split in N pieces, one per rank. A unit's forward and backward all-gather its weights first and
     free them after; its gradients are reduce-scattered, so each rank keeps (and steps) 1/N of them.
-    Mixed precision: compute with bf16/fp16 copies of the weights, keep and reduce in float32."""
+    Mixed precision: compute with bf16/fp16 copies of the weights, keep and reduce in float32.
+    reshard_after_forward=False keeps each block's gathered weights from its forward until its backward
+    (ZeRO-2: one gather per block instead of two, whole weights held meanwhile)."""
     low_precision = dtype if dtype != torch.float32 else None
     policy = MixedPrecisionPolicy(param_dtype=low_precision, reduce_dtype=torch.float32)
     mesh = init_device_mesh(rt.device.type, (rt.world_size,))  # the shards go to this rank's device
     for block in model.blocks:
-        fully_shard(block, mesh=mesh, mp_policy=policy)
-    fully_shard(model, mesh=mesh, mp_policy=policy)  # in place: model is now an FSDP module
+        fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
+    # in place: model is now an FSDP module (the root unit keeps its weights until backward either way)
+    fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
     return model
 
 
 def make_optimizer(model: GPT, cfg: TrainerConfig, lr: float):
     groups = model.optimizer_param_groups(cfg.weight_decay)
-    try:
+    for fused in (True, False):
         # fused: one kernel updates every parameter (CUDA, and CPU since PyTorch 2.4)
-        return torch.optim.AdamW(groups, lr=lr, betas=(cfg.beta1, cfg.beta2), fused=True), "fused"
-    except (RuntimeError, TypeError):  # a device or dtype the fused kernel does not cover
-        return torch.optim.AdamW(groups, lr=lr, betas=(cfg.beta1, cfg.beta2)), "foreach"
+        settings = dict(lr=lr, betas=(cfg.beta1, cfg.beta2), fused=fused or None)
+        try:
+            if cfg.strategy == "zero1":
+                # Each rank keeps the AdamW state of, and steps, about 1/N of the parameters, then
+                # broadcasts them (parameters_as_bucket_view: one broadcast per rank, not per tensor).
+                return (ZeroRedundancyOptimizer(groups, optimizer_class=torch.optim.AdamW,
+                                                parameters_as_bucket_view=True, **settings),
+                        "fused, sharded" if fused else "foreach, sharded")
+            return torch.optim.AdamW(groups, **settings), "fused" if fused else "foreach"
+        except (RuntimeError, TypeError):  # a device or dtype the fused kernel does not cover
+            if not fused:
+                raise
+
+
+def wrap_ddp(model: torch.nn.Module, rt: ddp_setup.Runtime, cfg: TrainerConfig) -> DDP:
+    """torch's DDP with the levers of the config (README, "Making DDP fast")."""
+    ddp_model = DDP(model, device_ids=[rt.device.index] if rt.device.type != "cpu" else None,
+                    bucket_cap_mb=cfg.bucket_cap_mb, gradient_as_bucket_view=cfg.gradient_as_bucket_view,
+                    static_graph=cfg.static_graph)
+    if COMM_HOOKS[cfg.comm_hook] is not None:  # each bucket cast to 16 bits, all-reduced, cast back
+        ddp_model.register_comm_hook(None, COMM_HOOKS[cfg.comm_hook])
+    return ddp_model
+
+
+def parameter_names(model: GPT, param_groups: list) -> list:
+    """The names of the parameters in param_groups, in the order PyTorch's optimizers number them."""
+    name_of = {p: name for name, p in model.named_parameters()}
+    return [name_of[p] for group in param_groups for p in group["params"]]
+
+
+def zero1_state_by_name(model: GPT, zero: ZeroRedundancyOptimizer) -> dict:
+    """The consolidated state (rank 0, after consolidate_state_dict) as the snapshots hold AdamW's state under
+    every strategy: under the parameters' names, as torch.distributed.checkpoint writes it for DDP and FSDP."""
+    state = zero.state_dict()  # PyTorch's format: parameters numbered in the order of param_groups
+    names = parameter_names(model, zero.param_groups)
+    return {"state": {names[i]: value for i, value in state["state"].items()},
+            # zero's own groups name only the settings it was given: AdamW's defaults complete them
+            "param_groups": [{**zero.optim.defaults, **group, "params": [names[i] for i in group["params"]]}
+                             for group in state["param_groups"]]}
+
+
+def zero1_state_by_index(model: GPT, zero: ZeroRedundancyOptimizer, by_name: dict) -> dict:
+    """The other way: a snapshot's AdamW state (written under any strategy) for zero.load_state_dict."""
+    index = {name: i for i, name in enumerate(parameter_names(model, zero.param_groups))}
+    return {"state": {index[name]: value for name, value in by_name["state"].items()},
+            "param_groups": [{**group, "params": [index[name] for name in group["params"]]}
+                             for group in by_name["param_groups"]]}
 
 
 class Trainer:
@@ -152,8 +230,10 @@ class Trainer:
         self.data = data.to(rt.device)
         self.dtype = resolve_dtype(tcfg.dtype, rt.device)
         self.fsdp = tcfg.strategy == "fsdp"
+        self.zero1 = tcfg.strategy == "zero1"
+        self.accum_steps = micro_steps_per_rank(tcfg, rt.world_size)
         if self.fsdp:  # sharded before the optimizer exists: it must see (and step) the shards
-            self.raw_model = shard(model, rt, self.dtype)
+            self.raw_model = shard(model, rt, self.dtype, tcfg.reshard_after_forward)
             self.autocast = nullcontext()  # the sharding's MixedPrecisionPolicy casts instead
         else:
             self.raw_model = model.to(rt.device)  # the plain GPT: its state_dict has clean names
@@ -163,9 +243,11 @@ class Trainer:
             torch.backends.cuda.matmul.allow_tf32 = True  # float32 matmuls on tensor cores
             torch.backends.cudnn.allow_tf32 = True
 
-        # More ranks mean a larger global batch per step; optionally raise the learning rate with it.
+        # More ranks mean a larger global batch per step (unless it is fixed); optionally raise the
+        # learning rate with it.
         exponent = {"none": 0.0, "sqrt": 0.5, "linear": 1.0}[tcfg.lr_scaling]
-        self.lr_scale = (rt.world_size / tcfg.lr_base_world_size) ** exponent
+        batch_growth = 1.0 if tcfg.fixed_global_batch else rt.world_size / tcfg.lr_base_world_size
+        self.lr_scale = batch_growth ** exponent
         self.max_lr = tcfg.learning_rate * self.lr_scale
         self.min_lr = (tcfg.min_lr if tcfg.min_lr is not None else tcfg.learning_rate / 10) * self.lr_scale
         self.lr_decay_iters = tcfg.lr_decay_iters or tcfg.max_iters
@@ -179,13 +261,16 @@ class Trainer:
         if resume_from is not None:
             self._restore(resume_from)
 
-        # torch.compile first, DDP around it: eval uses the compiled model without DDP,
-        # and the saved weights come from raw_model, so no "_orig_mod." prefixes.
+        # torch.compile inside, DDP outside (README, "compile and DDP"): DDP's hooks stay out of the
+        # compiled graph and split it at bucket boundaries (DDPOptimizer), so each bucket's all-reduce
+        # still starts during backward; eval uses the compiled model without DDP; the saved weights come
+        # from raw_model, so no "_orig_mod." or "module." prefixes.
         self.model = torch.compile(self.raw_model) if tcfg.compile else self.raw_model
-        self.ddp_model = (DDP(self.model, device_ids=[rt.device.index] if rt.device.type != "cpu" else None,
-                              gradient_as_bucket_view=True)  # grads live in DDP's buckets: one copy fewer
-                          if rt.distributed and not self.fsdp else None)
-        self.tokens_per_step = tcfg.batch_size * model.cfg.block_size * tcfg.grad_accum_steps * rt.world_size
+        self.ddp_model = (wrap_ddp(self.model, rt, tcfg)
+                          if rt.distributed and tcfg.strategy in ("ddp", "zero1") else None)
+        self.handmade = (handmade.HandmadeDDP(self.raw_model, tcfg.bucket_cap_mb, rt.world_size)
+                         if rt.distributed and tcfg.strategy == "handmade" else None)
+        self.tokens_per_step = tcfg.batch_size * model.cfg.block_size * self.accum_steps * rt.world_size
         self.flops_per_step = self.raw_model.flops_per_token() * self.tokens_per_step
         self.peak_flops, self.peak_source = mfu.peak_flops(rt.device, self.dtype, tcfg.peak_flops)
         self.progress = None
@@ -210,11 +295,16 @@ class Trainer:
 
     def gradient_sync(self, enabled: bool):
         """Gradients are averaged across ranks during backward() (DDP: all-reduce; FSDP: reduce-scatter).
-        Before the last micro-step they are still accumulating, so that traffic is wasted: skip it."""
+        Before the last micro-step they are still accumulating, so that traffic is wasted: skip it.
+        DDP decides in forward() whether the coming backward() syncs: no_sync() must cover both."""
         if self.fsdp:
             self.raw_model.set_requires_gradient_sync(enabled)
             return nullcontext()
-        return nullcontext() if enabled or self.ddp_model is None else self.ddp_model.no_sync()
+        if enabled:
+            return nullcontext()
+        if self.handmade is not None:
+            return self.handmade.no_sync()
+        return self.ddp_model.no_sync() if self.ddp_model is not None else nullcontext()
 
     def accumulate_gradients(self, it: int) -> torch.Tensor:
         tcfg, rt = self.tcfg, self.rt
@@ -224,15 +314,17 @@ class Trainer:
         torch.manual_seed(tcfg.seed + it * rt.world_size + rt.rank)
         train_model = self.ddp_model or self.model
         loss_sum = torch.zeros((), device=rt.device)
-        for micro_step in range(tcfg.grad_accum_steps):
-            x, y = self.data.train_batch(it, tcfg.seed, tcfg.batch_size, micro_step, tcfg.grad_accum_steps,
+        for micro_step in range(self.accum_steps):
+            x, y = self.data.train_batch(it, tcfg.seed, tcfg.batch_size, micro_step, self.accum_steps,
                                          rt.rank, rt.world_size)
-            with self.gradient_sync(enabled=micro_step == tcfg.grad_accum_steps - 1):
+            with self.gradient_sync(enabled=micro_step == self.accum_steps - 1):
                 with self.autocast:
                     _, loss = train_model(x, y)
-                loss = loss / tcfg.grad_accum_steps  # so the accumulated gradient is a mean
+                loss = loss / self.accum_steps  # so the accumulated gradient is a mean
                 self.scaler.scale(loss).backward()
             loss_sum += loss.detach()
+        if self.handmade is not None:
+            self.handmade.finish_gradient_sync()  # wait for the all-reduces, take the means
         return loss_sum
 
     def optimizer_step(self):
@@ -269,11 +361,19 @@ class Trainer:
     # torch.distributed.checkpoint gather the shards for it and split them again on the way back.
     def full_state(self) -> tuple:
         """(model weights, AdamW state) as whole tensors on rank 0's CPU ({} elsewhere).
-        Every rank must call it: under FSDP it gathers the shards."""
+        Every rank must call it: under FSDP it gathers the shards, under zero1 the AdamW state."""
         options = (StateDictOptions(full_state_dict=True, cpu_offload=True) if self.rt.distributed
                    else StateDictOptions())
-        return (get_model_state_dict(self.raw_model, options=options),
-                get_optimizer_state_dict(self.raw_model, self.optimizer, options=options))
+        model_state = get_model_state_dict(self.raw_model, options=options)
+        if self.zero1:
+            self.optimizer.consolidate_state_dict(to=0)  # every rank sends its part to rank 0
+            return model_state, zero1_state_by_name(self.raw_model, self.optimizer) if self.rt.is_main else {}
+        return model_state, get_optimizer_state_dict(self.raw_model, self.optimizer, options=options)
+
+    def local_optimizer_state(self) -> list:
+        """The AdamW state tensors this rank holds (under zero1 its own part, under FSDP its shards)."""
+        optimizer = self.optimizer.optim if self.zero1 else self.optimizer
+        return [v for state in optimizer.state.values() for v in state.values() if torch.is_tensor(v)]
 
     def save_snapshot(self):
         """Every rank calls it; rank 0 alone writes, so there is one snapshot and one resume point."""
@@ -295,7 +395,14 @@ class Trainer:
         options = (StateDictOptions(full_state_dict=True, broadcast_from_rank0=True) if self.rt.distributed
                    else StateDictOptions())
         set_model_state_dict(self.raw_model, state.get("model", {}), options=options)
-        set_optimizer_state_dict(self.raw_model, self.optimizer, state.get("optimizer", {}), options=options)
+        if self.zero1:
+            # ZeroRedundancyOptimizer.load_state_dict takes the whole state on every rank and keeps its
+            # part: the simple way, at the price of a whole copy per rank for a moment.
+            whole = [state.get("optimizer")]
+            torch.distributed.broadcast_object_list(whole, src=0)
+            self.optimizer.load_state_dict(zero1_state_by_index(self.raw_model, self.optimizer, whole[0]))
+        else:
+            set_optimizer_state_dict(self.raw_model, self.optimizer, state.get("optimizer", {}), options=options)
         self.scaler.load_state_dict(state["scaler"])
         self.step = state["step"]
         self.elapsed_s = state.get("elapsed_s", 0.0)

@@ -2,7 +2,7 @@
 
 Without these checks a bad value trains nonsense instead of failing: model.block_size=0 gives
 NaN losses and exits 0, trainer.beta2=1.5 makes AdamW diverge. The checks run in this process
-(fast, one case per key); two runs as a learner starts them show there is no traceback either.
+(fast, one case per rule); a run of main.py as a learner starts it shows there is no traceback either.
 """
 import sys
 
@@ -12,9 +12,10 @@ from conftest import REPO, run
 
 CPU_CFG = "config=" + str(REPO / "minGPT-ddp" / "cpu_cfg.yaml")
 
-BAD_SETTINGS = [  # override, what the one line must say
+BAD_SETTINGS = [  # override, what the one line must say (one case at least for every rule: see below)
     ("model.n_layer=0", "model.n_layer=0: must be at least 1"),
     ("model.n_head=0", "model.n_head=0: must be at least 1"),
+    ("model.n_embd=0", "model.n_embd=0: must be at least 1"),
     ("model.n_head=5", "model.n_embd=128: must be a multiple of model.n_head (5)"),
     ("model.block_size=0", "model.block_size=0: must be at least 1"),
     ("model.dropout=1.0", "model.dropout=1.0: must be in [0, 1)"),
@@ -28,15 +29,27 @@ BAD_SETTINGS = [  # override, what the one line must say
     ("trainer.lr_decay_iters=-5", "trainer.lr_decay_iters=-5: must be null (trainer.max_iters) or at least 1"),
     ("trainer.warmup_iters=500 trainer.lr_decay_iters=300",
      "trainer.lr_decay_iters=300: must be null or at least trainer.warmup_iters (500), for the decay follows the warmup"),
+    ("trainer.lr_base_world_size=0", "trainer.lr_base_world_size=0: must be at least 1"),
+    ("trainer.beta1=-0.1", "trainer.beta1=-0.1: must be in [0, 1)"),
     ("trainer.beta2=1.5", "trainer.beta2=1.5: must be in [0, 1)"),
     ("trainer.weight_decay=-0.1", "trainer.weight_decay=-0.1: must be 0 or more"),
     ("trainer.grad_clip=-1", "trainer.grad_clip=-1.0: must be 0 (no clipping) or more"),
+    ("trainer.eval_interval=-1", "trainer.eval_interval=-1: must be 0 (only at the end) or more"),
     ("trainer.eval_iters=0", "trainer.eval_iters=0: must be at least 1"),
+    ("trainer.log_interval=0", "trainer.log_interval=0: must be at least 1"),
     ("trainer.peak_flops=0", "trainer.peak_flops=0.0: must be null (data sheet or measured) or positive"),
     ("trainer.lr_scaling=cubic", "trainer.lr_scaling=cubic: must be one of none, sqrt, linear"),
     ("trainer.dtype=float8", "trainer.dtype=float8: must be one of auto, float32, bfloat16, float16"),
-    ("trainer.strategy=zero3", "trainer.strategy=zero3: must be one of ddp, fsdp"),
+    ("trainer.strategy=zero3", "trainer.strategy=zero3: must be one of ddp, handmade, zero1, fsdp"),
+    ("trainer.reshard_after_forward=false",
+     "trainer.reshard_after_forward=False: must be true unless trainer.strategy=fsdp (an FSDP setting)"),
+    ("trainer.bucket_cap_mb=0", "trainer.bucket_cap_mb=0.0: must be positive"),
+    ("trainer.comm_hook=int8", "trainer.comm_hook=int8: must be one of none, fp16, bf16"),
+    ("trainer.comm_hook=fp16 trainer.strategy=fsdp",
+     "trainer.comm_hook=fp16: must be none unless trainer.strategy is ddp or zero1 (a hook of torch's DDP)"),
     ("trainer.resume=maybe", "trainer.resume=maybe: must be one of false, true, auto"),
+    ("trainer.resume=true trainer.snapshot_path=null",
+     "trainer.resume=True: must be false without a trainer.snapshot_path"),
     ("trainer.timeout_minutes=0", "trainer.timeout_minutes=0.0: must be positive"),
 ]
 
@@ -56,6 +69,19 @@ def test_bad_setting_is_one_line_and_exit_code_2(mingpt, capsys, override, messa
     assert lines == [f"error: {message}"], lines
 
 
+def test_every_rule_has_a_case(mingpt):
+    """A rule added to config.rules without a case above fails here (and a case that no longer breaks the
+    rule it was written for, too): each case must break exactly one rule, the first it reaches."""
+    cfg, _, _ = mingpt.config.parse([CPU_CFG])
+    assert mingpt.config.first_broken_rule(cfg) is None
+    covered = {}
+    for override, _ in BAD_SETTINGS:
+        cfg, _, _ = mingpt.config.parse([CPU_CFG, *override.split()])
+        covered[mingpt.config.first_broken_rule(cfg)[0]] = override
+    missing = [key for i, (key, _, _) in enumerate(mingpt.config.rules(cfg)) if i not in covered]
+    assert not missing, f"config rules without a case in BAD_SETTINGS: {missing}"
+
+
 def test_main_stops_before_training_without_a_traceback(tmp_path):
     proc = run([sys.executable, REPO / "minGPT-ddp" / "main.py", CPU_CFG, "model.block_size=0"],
                cwd=tmp_path, check=False)
@@ -69,10 +95,18 @@ def test_main_stops_before_training_without_a_traceback(tmp_path):
     (["--top-k", "-3"], "error: --top-k must be at least 1, not -3"),
     (["--temperature", "0"], "error: --temperature must be above 0 (it divides the logits), not 0.0"),
     (["--max-new-tokens", "0"], "error: --max-new-tokens must be at least 1, not 0"),
+    (["--num-samples", "0"], "error: --num-samples must be at least 1, not 0"),
+    (["--prompt", ""], "error: --prompt is empty; give at least one character"),
 ])
-def test_sample_flags_out_of_range(tmp_path, flags, message):
-    """Checked before the snapshot is read: no snapshot is needed to see the error."""
-    proc = run([sys.executable, REPO / "minGPT-ddp" / "sample.py", "--snapshot", tmp_path / "none.pt", *flags],
-               cwd=tmp_path, check=False)
-    assert proc.returncode == 2
-    assert proc.stderr.splitlines() == [message]
+def test_sample_flags_out_of_range(mingpt, monkeypatch, capsys, tmp_path, flags, message):
+    """Checked before the snapshot is read: no snapshot is needed to see the error. In this process
+    (sample.main reads sys.argv); the run of main.py above shows a real process prints no traceback."""
+    import sample
+    try:
+        monkeypatch.setattr(sys, "argv", ["sample.py", "--snapshot", str(tmp_path / "none.pt"), *flags])
+        with pytest.raises(SystemExit) as stop:
+            sample.main()
+    finally:
+        sys.modules.pop("sample", None)  # not among the modules the mingpt fixture puts back
+    assert stop.value.code == 2
+    assert capsys.readouterr().err.splitlines() == [message]
