@@ -1,12 +1,12 @@
-"""Step 05: DDP on a CPU cluster, with a validation set. It extends step 03 (step 04 looked inside DDP).
+"""Step 05: a CPU cluster on one node (processes x threads), and a validation set.
 
-New over step 03: CPU processes (Gloo; `--cpu` keeps a GPU machine on its CPU) with threads per process
-(OMP_NUM_THREADS, else usable cores / processes; oversubscribed is correct, only slower); a train/validation
-split from a fixed seed, the same on every rank; the validation loss over the whole validation set (each
-rank scores its share, one all_reduce adds them up); and a best-validation model kept by rank 0.
+New over step 03 (step 04 looked inside DDP): CPU processes with `--threads` threads each (default:
+this node's usable cores / its processes), gradients clipped once averaged, a validation split the
+same on every rank, and the validation loss over the whole split: each rank scores its share, one
+all_reduce adds them up. The training loss is averaged over the ranks too.
 
     torchrun --standalone --nproc-per-node 2 05_singlenode_cpu.py
-    OMP_NUM_THREADS=2 torchrun --standalone --nproc-per-node 4 05_singlenode_cpu.py --max_epochs 3
+    torchrun --standalone --nproc-per-node 1 05_singlenode_cpu.py --threads 2
 """
 import argparse
 import json
@@ -22,33 +22,18 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, Dataset, Subset
 from torch.utils.data.distributed import DistributedSampler
 
-# The communication library between processes: NCCL for NVIDIA GPUs, XCCL for Intel GPUs, else Gloo (CPU).
-BACKENDS = {"cuda": "nccl", "xpu": "xccl"}
-# Cores this process may run on: fewer than the machine has under taskset, Slurm or a container.
-USABLE_CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+from plumbing import RegressionDataset, refused_if_damaged, restart_safe_store
 
-
-class RegressionDataset(Dataset):
-    """y = w·x + small noise, made here from a fixed seed of its own: every run and process gets the same samples."""
-
-    def __init__(self, size: int, in_features: int = 20, noise: float = 0.05):
-        g = torch.Generator().manual_seed(1234)
-        true_weight = torch.randn(in_features, 1, generator=g)
-        self.inputs = torch.randn(size, in_features, generator=g)
-        self.targets = self.inputs @ true_weight + noise * torch.randn(size, 1, generator=g)
-
-    def __len__(self):
-        return len(self.inputs)
-
-    def __getitem__(self, index):
-        return self.inputs[index], self.targets[index]
+BACKENDS = {"cuda": "nccl", "xpu": "xccl"}  # how NVIDIA or Intel GPUs talk; CPUs use Gloo
+# The cores this process may run on: fewer than the machine has under taskset, Slurm, a container
+USABLE_CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
 
 
 def pick_device(gpu_index: int, processes_per_node: int, cpu: bool = False):
-    """GPU number `gpu_index` and NCCL if this node has a GPU for every process; else all use the CPU and Gloo."""
+    """GPU `gpu_index` with NCCL if this node has a GPU per process; else the CPU with Gloo."""
     accelerator = torch.accelerator.current_accelerator(check_available=True)
-    gpus = torch.accelerator.device_count() if accelerator is not None and accelerator.type in BACKENDS else 0
-    if cpu or gpus < processes_per_node:
+    has_gpus = accelerator is not None and accelerator.type in BACKENDS
+    if cpu or not has_gpus or torch.accelerator.device_count() < processes_per_node:
         return torch.device("cpu"), "gloo"
     return torch.device(accelerator.type, gpu_index), BACKENDS[accelerator.type]
 
@@ -56,126 +41,110 @@ def pick_device(gpu_index: int, processes_per_node: int, cpu: bool = False):
 def ddp_setup(device: torch.device, backend: str, timeout: timedelta):
     if device.type != "cpu":
         torch.accelerator.set_device_index(device.index)  # each process drives its own GPU
-    elif "OMP_NUM_THREADS" not in os.environ:  # yours wins (PyTorch reads it at start); else share the cores out
-        torch.set_num_threads(max(1, USABLE_CORES // int(os.environ["LOCAL_WORLD_SIZE"])))
-    # torchrun set RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT; why not plain env:// here: see the file's end
-    store, rank, world_size = store_for_this_attempt(timeout)
-    dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=timeout)
+    # torchrun set RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT; restart_safe_store: plumbing.py
+    dist.init_process_group(backend, timeout=timeout, **restart_safe_store(backend, timeout))
 
 
 class Trainer:
-    def __init__(self, model, train_data, val_data, optimizer, rank, device, save_every, snapshot_path, best_path,
+    def __init__(self, model, train_data, val_data, optimizer, device, save_every, snapshot_path,
                  log_file):
-        self.rank = rank
+        self.rank = dist.get_rank()  # this process's number: 0 .. world_size - 1
         self.device = device
-        self.tag = f"[{device.type}:{rank}]"  # every line says which process it comes from
-        # DDP keeps the copies in step: it averages gradients across processes during backward().
-        self.model = DDP(model.to(device), device_ids=None if device.type == "cpu" else [device.index])
+        self.tag = f"[{device} rank {self.rank}]"  # every line says which process it comes from
+        self.model = DDP(model.to(device))  # backward() averages the gradients of all processes
         self.train_data = train_data
         self.val_data = val_data
         self.optimizer = optimizer
         self.save_every = save_every
         self.snapshot_path = snapshot_path
-        self.best_path = best_path
         self.log_file = log_file
-        self.epochs_run = 0
-        self.best_val_loss = float("inf")
-        self._load_snapshot()
+        self.epochs_run = self._load_snapshot()  # 0, or the epochs the last snapshot holds
 
     def _load_snapshot(self):
-        # Only rank 0 saves, so only rank 0 reads (with weights_only=True: see read_snapshot). It sends what it
-        # read to every rank: all resume from the same point, whatever the other nodes' disks hold.
-        has_one = self.rank == 0 and os.path.exists(self.snapshot_path)
-        snapshot = [read_snapshot(self.snapshot_path) if has_one else None]
+        # Rank 0 reads what it saved and sends it to every rank: all resume from the same point
+        snapshot = [None]  # broadcast_object_list fills a list in place
+        if self.rank == 0 and os.path.exists(self.snapshot_path):
+            with refused_if_damaged(self.snapshot_path):  # weights_only: tensors, never code
+                snapshot[0] = torch.load(self.snapshot_path, map_location="cpu", weights_only=True)
         dist.broadcast_object_list(snapshot, src=0)
         if snapshot[0] is None:
-            return  # nothing to resume from: start afresh
+            return 0  # nothing to resume from: start afresh
         self.model.module.load_state_dict(snapshot[0]["model"])
         self.optimizer.load_state_dict(snapshot[0]["optimizer"])
-        self.epochs_run = snapshot[0]["epochs_run"]
-        self.best_val_loss = snapshot[0]["best_val_loss"]
-        print(f"{self.tag} Resuming training from snapshot {self.snapshot_path} at Epoch {self.epochs_run}")
+        print(f"{self.tag} Resuming from {self.snapshot_path} at Epoch {snapshot[0]['epochs_run']}")
+        return snapshot[0]["epochs_run"]
 
     def _run_batch(self, source, targets):
         self.optimizer.zero_grad()
         output = self.model(source)
         loss = F.mse_loss(output, targets)
         loss.backward()
+        # The gradients are averaged now, the same on every rank, so every rank clips alike:
+        # a rare huge gradient (a bad batch) cannot throw the weights far.
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm=5.0)
         self.optimizer.step()
         return loss.detach()
 
     @torch.no_grad()
     def _validate(self):
-        """Mean squared error over the WHOLE validation set, every sample counted once whatever the world size."""
+        """Mean squared error over the WHOLE validation set, each sample once, any world size."""
         self.model.eval()
-        totals = torch.zeros(2, dtype=torch.float64, device=self.device)  # [sum of squared errors, samples]
+        totals = torch.zeros(2, dtype=torch.float64, device=self.device)  # [sum of errors, samples]
         for source, targets in self.val_data:
-            source, targets = source.to(self.device, non_blocking=True), targets.to(self.device, non_blocking=True)
-            output = self.model.module(source)  # no gradients, nothing for DDP to synchronize
+            source = source.to(self.device, non_blocking=True)
+            targets = targets.to(self.device, non_blocking=True)
+            output = self.model.module(source)  # no gradients: nothing for DDP to synchronize
             totals[0] += F.mse_loss(output, targets, reduction="sum").double()
             totals[1] += targets.numel()
-        dist.all_reduce(totals, op=dist.ReduceOp.SUM)  # each rank scored its own share: add up all ranks' sums
+        dist.all_reduce(totals)  # each rank scored its own share: add up every rank's sums
         self.model.train()
         return (totals[0] / totals[1]).item()
 
     def _run_epoch(self, epoch):
         batch_size = self.train_data.batch_size
-        self.train_data.sampler.set_epoch(epoch)  # without it, every epoch would see the same split and order
+        self.train_data.sampler.set_epoch(epoch)  # else each epoch repeats the same split and order
         total_loss = torch.zeros((), device=self.device)
         for source, targets in self.train_data:
             # non_blocking: from pinned memory, the copy to a GPU overlaps with work already queued
-            source, targets = source.to(self.device, non_blocking=True), targets.to(self.device, non_blocking=True)
+            source = source.to(self.device, non_blocking=True)
+            targets = targets.to(self.device, non_blocking=True)
             total_loss += self._run_batch(source, targets)
         steps = len(self.train_data)
-        dist.all_reduce(total_loss, op=dist.ReduceOp.SUM)  # every rank ran `steps` batches: average over all
-        train_loss = total_loss.item() / (steps * dist.get_world_size())  # one device->host copy per epoch
+        dist.all_reduce(total_loss)  # every rank ran `steps` batches: the mean over all of them
+        loss = total_loss.item() / (steps * dist.get_world_size())  # one device->host copy
         val_loss = self._validate()
-        if self.rank == 0:
+        if self.rank == 0:  # every rank has the same numbers now
             print(f"{self.tag} Epoch {epoch} | Batchsize {batch_size} | Steps {steps} | "
-                  f"train_loss:{train_loss:.4f} val_loss:{val_loss:.4f}")
-        return {"epoch": epoch, "batch_size": batch_size, "steps": steps, "loss": train_loss,
-                "train_loss": train_loss, "val_loss": val_loss, "world_size": dist.get_world_size()}
+                  f"loss {loss:.4f} | val loss {val_loss:.4f}")
+        return {"epoch": epoch, "batch_size": batch_size, "steps": steps, "loss": loss,
+                "val_loss": val_loss, "world_size": dist.get_world_size()}
 
     def _save_snapshot(self, epoch):
-        snapshot = {"model": self.model.module.state_dict(),  # .module: the model inside the DDP wrapper
-                    "optimizer": self.optimizer.state_dict(),  # momentum buffers: needed to resume exactly
-                    "epochs_run": epoch + 1,
-                    "best_val_loss": self.best_val_loss}  # so a resumed run only keeps a better model
-        # Write to a temporary file, then rename: a crash mid-write never leaves a half file behind.
+        snapshot = {"model": self.model.module.state_dict(),  # .module: the model inside DDP
+                    "optimizer": self.optimizer.state_dict(),  # momentum: to resume exactly
+                    "epochs_run": epoch + 1}
+        # To a temporary file, then renamed: a crash mid-write never leaves a half file behind.
         tmp_path = f"{self.snapshot_path}.tmp.{os.getpid()}"
         torch.save(snapshot, tmp_path)
         os.replace(tmp_path, self.snapshot_path)
         print(f"{self.tag} Epoch {epoch} | Training snapshot saved at {self.snapshot_path}")
-
-    def _save_best(self, epoch, val_loss):
-        tmp_path = f"{self.best_path}.tmp.{os.getpid()}"  # atomically, as the snapshot
-        torch.save(self.model.module.state_dict(), tmp_path)  # the model alone, as step 01's checkpoint
-        os.replace(tmp_path, self.best_path)
-        print(f"{self.tag} Epoch {epoch} | New best val_loss:{val_loss:.4f}, model saved at {self.best_path}")
 
     def train(self, max_epochs: int):
         for epoch in range(self.epochs_run, max_epochs):
             start = time.perf_counter()
             record = self._run_epoch(epoch)
             record["epoch_time_s"] = time.perf_counter() - start
-            record["best"] = record["val_loss"] < self.best_val_loss  # the same on every rank (all_reduce)
-            if record["best"]:
-                self.best_val_loss = record["val_loss"]
-                if self.rank == 0:
-                    self._save_best(epoch, record["val_loss"])
             if self.rank == 0 and self.log_file:
                 with open(self.log_file, "a") as f:
                     f.write(json.dumps(record) + "\n")
-            # All copies are identical, so one process saving is enough.
+            # All copies are the same: one process saving is enough.
             if self.rank == 0 and ((epoch + 1) % self.save_every == 0 or epoch + 1 == max_epochs):
                 self._save_snapshot(epoch)
-        if self.rank == 0:
-            print(f"{self.tag} Finished training: {max_epochs} epochs | best val_loss:{self.best_val_loss:.4f} "
-                  f"saved at {self.best_path}")
+        print(f"{self.tag} Finished training: {max_epochs} epochs")
 
 
 def load_train_objs(args):
-    # A train/validation split from a generator with a fixed seed of its own: every rank makes the same one.
+    # A validation split from a seed of its own: the same on every rank, whatever --seed says
     dataset = RegressionDataset(args.dataset_size)
     val_size = max(1, round(len(dataset) * args.val_fraction))
     order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(4321)).tolist()
@@ -186,82 +155,71 @@ def load_train_objs(args):
     return train_set, val_set, model, optimizer
 
 
-def prepare_dataloader(dataset: Dataset, batch_size: int, device: torch.device, seed: int):
+def prepare_dataloader(dataset: Dataset, batch_size: int, device: torch.device):
     # pinned (page-locked) host memory speeds up copies to a CUDA GPU; it means nothing for the CPU
-    # DistributedSampler: each process gets its own shuffled 1/world_size of the samples; the DataLoader mustn't shuffle
-    return DataLoader(dataset, batch_size=batch_size, shuffle=False, pin_memory=device.type == "cuda",
-                      sampler=DistributedSampler(dataset, seed=seed))
+    return DataLoader(dataset, batch_size=batch_size, shuffle=False,  # the sampler shuffles
+                      sampler=DistributedSampler(dataset),  # a share of its own per process
+                      pin_memory=device.type == "cuda")
 
 
 def main(args):
-    # One write per printed line, so lines from several processes never mix mid-line.
-    sys.stdout.reconfigure(line_buffering=True, write_through=False)
-    device, backend = pick_device(int(os.environ["LOCAL_RANK"]), int(os.environ["LOCAL_WORLD_SIZE"]), args.cpu)
+    sys.stdout.reconfigure(line_buffering=True, write_through=False)  # one write per whole line
+    local_rank, processes_here = int(os.environ["LOCAL_RANK"]), int(os.environ["LOCAL_WORLD_SIZE"])
+    device, backend = pick_device(local_rank, processes_here, args.cpu)
     ddp_setup(device, backend, timedelta(minutes=args.timeout_min))
+    if device.type == "cpu":  # wins over OMP_NUM_THREADS (torchrun's default: 1 per process)
+        torch.set_num_threads(args.threads or max(1, USABLE_CORES // processes_here))
     rank, world_size = dist.get_rank(), dist.get_world_size()
-    torch.manual_seed(args.seed)  # same initial weights and data order on every run
-    print(f"[{device.type}:{rank}] device {device.type} | backend {backend} | world_size {world_size} | "
-          f"GPUs here {torch.accelerator.device_count()}")
-    if device.type == "cpu" and int(os.environ["LOCAL_RANK"]) == 0:  # one report per node: it has its own cores
-        processes, threads, cores = int(os.environ["LOCAL_WORLD_SIZE"]), torch.get_num_threads(), USABLE_CORES
-        print(f"[cpu:{rank}] this node: {processes} processes x {threads} thread(s) on {cores} usable core(s)"
-              + (" | oversubscribed: still correct, only slower" if processes * threads > cores else ""))
+    torch.manual_seed(args.seed)  # the same initial weights on every run
+    print(f"[{device} rank {rank}] device {device.type} | backend {backend}"
+          f" | world_size {world_size} | GPUs here {torch.accelerator.device_count()}")
+    if device.type == "cpu" and local_rank == 0:  # one line per node: each has its own cores
+        threads = torch.get_num_threads()
+        too_many = processes_here * threads > USABLE_CORES  # still correct, only slower
+        print(f"[cpu rank {rank}] this node: {processes_here} processes x {threads} thread(s) on "
+              f"{USABLE_CORES} usable core(s)" + (" | oversubscribed" if too_many else ""))
     dataset, val_set, model, optimizer = load_train_objs(args)
-    train_data = prepare_dataloader(dataset, args.batch_size, device, args.seed)
-    # Rank r validates samples r, r + world_size, ...: each once (DistributedSampler would pad, counting some twice)
+    train_data = prepare_dataloader(dataset, args.batch_size, device)
+    # Rank r scores samples r, r + world_size, ...: each once (DistributedSampler would pad)
     val_share = Subset(val_set.dataset, val_set.indices[rank::world_size])
     val_data = DataLoader(val_share, batch_size=args.batch_size, pin_memory=device.type == "cuda")
-    trainer = Trainer(model, train_data, val_data, optimizer, rank, device, args.save_every, args.snapshot_path,
-                      args.best_path, args.log_file)
+    trainer = Trainer(model, train_data, val_data, optimizer, device, args.save_every,
+                      args.snapshot_path, args.log_file)
     trainer.train(args.max_epochs)
     dist.destroy_process_group()
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description="Step 05: DDP on CPU processes, with a validation set.")
+    parser = argparse.ArgumentParser(description="Step 05: DDP on CPU processes, with validation.")
     parser.add_argument("--max_epochs", type=int, default=10, help="epochs to train (default: 10)")
-    parser.add_argument("--batch_size", type=int, default=32, help="samples per batch (default: 32)")
-    parser.add_argument("--save_every", type=int, default=5, help="save a snapshot every N epochs (default: 5)")
+    parser.add_argument("--batch_size", type=int, default=32, help="batch size (default: 32)")
+    parser.add_argument("--save_every", type=int, default=5, help="epochs per save (default: 5)")
     parser.add_argument("--lr", type=float, default=0.01, help="SGD learning rate (default: 0.01)")
-    parser.add_argument("--seed", type=int, default=0, help="seed for the initial weights and data order")
-    parser.add_argument("--dataset_size", type=int, default=4096, help="samples in the data set (default: 4096)")
-    parser.add_argument("--val_fraction", type=float, default=0.1, help="share held out for validation (default: 0.1)")
-    parser.add_argument("--snapshot_path", default="snapshot_05.pt", help="saved here; resumed from if it exists")
-    parser.add_argument("--best_path", default="best_05.pt", help="the model with the lowest validation loss")
-    parser.add_argument("--cpu", action="store_true", help="train on the CPU with Gloo even if there are GPUs")
-    parser.add_argument("--log_file", default=None, help="append one JSON line per epoch here (for plots)")
-    parser.add_argument("--timeout_min", type=float, default=10, help="minutes to wait for a slow or dead rank")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the initial weights")
+    parser.add_argument("--dataset_size", type=int, default=4096, help="samples (default: 4096)")
+    parser.add_argument("--val_fraction", type=float, default=0.1, help="held out (default: 0.1)")
+    parser.add_argument("--snapshot_path", default="snapshot_05.pt", help="saved, resumed from")
+    parser.add_argument("--log_file", default=None, help="append a JSON line per epoch (for plots)")
+    parser.add_argument("--cpu", action="store_true", help="the CPU and Gloo, even with GPUs")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="threads per process on the CPU (default: usable cores / processes)")
+    parser.add_argument("--timeout_min", type=float, default=10, help="wait for a slow rank (min.)")
     return check_args(parser, parser.parse_args(argv))
 
 
-# ---- Guards and conveniences: clear one-line errors for bad input. Not the lesson; read them last. ----------
+# ---- Guards: argument checks, one line each. Not the lesson: read them last. ---------------------
 def check_args(parser, args):
     for name in ("max_epochs", "batch_size", "save_every", "dataset_size"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be at least 1")
+    if args.threads is not None and args.threads < 1:
+        parser.error("--threads must be at least 1")
     if not 0 < args.val_fraction < 1:
-        parser.error("--val_fraction must be between 0 and 1 (exclusive)")
+        parser.error("--val_fraction must be between 0 and 1")
+    if "LOCAL_RANK" not in os.environ:  # started by plain python, not by torchrun
+        parser.error(f"use torchrun: torchrun --standalone --nproc-per-node 2 {parser.prog}")
     return args
 
 
-def store_for_this_attempt(timeout: timedelta):
-    # env://'s store, keys per attempt: torchrun keeps one store across restarts, where restarted processes could read
-    # addresses dead ones left (pytorch/pytorch#135712). Counted in the store, as nodes count their restarts apart.
-    store, rank, world_size = next(dist.rendezvous("env://", timeout=timeout))
-    return dist.PrefixStore(f"attempt_{store.add(f'starts_of_rank_{rank}', 1)}", store), rank, world_size
-
-
-def read_snapshot(path: str):
-    """torch.load with weights_only=True (tensors and numbers, never code to run); a damaged file: one line."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise SystemExit(f"error: cannot resume from snapshot {path}: it is corrupt or truncated "
-                         f"({str(e).split('. ')[0].strip()}); delete it to start afresh") from None
-
-
 if __name__ == "__main__":
-    args = parse_args()
-    if "LOCAL_RANK" not in os.environ:
-        raise SystemExit("error: use torchrun: torchrun --standalone --nproc-per-node 2 05_singlenode_cpu.py")
-    main(args)
+    main(parse_args())
