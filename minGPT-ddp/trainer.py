@@ -162,8 +162,9 @@ def shard(model: GPT, rt: ddp_setup.Runtime, dtype: torch.dtype, reshard_after_f
     mesh = init_device_mesh(rt.device.type, (rt.world_size,))  # the shards go to this rank's device
     for block in model.blocks:
         fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
-    # in place: model is now an FSDP module (the root unit keeps its weights until backward either way)
-    fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
+    # In place: model is now an FSDP module. Its own unit (embeddings, final norm, head) keeps its weights
+    # from forward until backward either way: FSDP's default for the root, whose weights backward needs first.
+    fully_shard(model, mesh=mesh, mp_policy=policy)
     return model
 
 

@@ -1,0 +1,200 @@
+"""minGPT-ddp's four strategies (ddp, handmade, zero1, fsdp) train the same model; accumulation sends once;
+every rank ends with the same weights; snapshots resume under any strategy; zero1 and fsdp hold half the
+AdamW state on 2 ranks; float16 clips the true gradients. Real Gloo groups of CPU processes.
+
+Two groups, of 2 and of 3 ranks, each training many short runs in turn (tests/workers/mingpt_strategies.py,
+as main.py trains; a run marked `alone` trains in rank 0 alone, as one plain process does while the other
+ranks wait). Each run: the tiny GPT, 10 steps, learning rate 3e-3.
+
+grad_clip=0 and AdamW's moments: AdamW divides the gradient by its own running size, so a gradient twice
+too large (a sum instead of a mean, an average left out) moves the weights almost as the right one does;
+and with clipping at 1 every step of these runs is clipped, which hides the scale once more. The moments
+exp_avg and exp_avg_sq scale with the gradient and its square: compared, they catch a wrong scale at once.
+
+Tolerances. On 2 ranks every strategy sums the same two float32 numbers for each gradient element, and
+a + b = b + a; the mean then divides by 2, exactly: bit-identical, so 0. On 3 ranks, and 2 ranks against
+1, the additions come in another order (Gloo's ring cuts each buffer in chunks that depend on the bucket
+layout; one rank adds its micro-steps itself), which changes a gradient in its last bits; 10 steps carry
+that into the weights by 1.2e-7 and into the moments by 1.5e-6 of their size (the largest measured).
+So weights within 1e-6 and moments within 1e-4 relative: a wrong gradient scale moves the moments by 50 %
+or more, a missing all-reduce by about 100 %.
+"""
+import json
+
+import pytest
+import torch
+
+from conftest import REPO, TINY_GPT, run, torchrun
+
+WORKER = "tests/workers/mingpt_strategies.py"
+COMMON = ["config=" + str(REPO / "minGPT-ddp" / "cpu_cfg.yaml"), *TINY_GPT, "trainer.learning_rate=3e-3",
+          "trainer.max_iters=10", "trainer.eval_interval=5", "trainer.grad_clip=0", "trainer.peak_flops=1e12"]
+WEIGHTS_TOL, MOMENTS_TOL = 1e-6, 1e-4  # 3 ranks or 1 rank against 2: float summation order (see above)
+N_LAYER = int(next(o for o in TINY_GPT if o.startswith("model.n_layer=")).split("=")[1])
+
+S, A, B = "trainer.strategy", "trainer.grad_accum_steps", "trainer.batch_size"
+# 32 sequences per step on 2 ranks: 16 per rank at once (a1), or 2 micro-steps of 8 (the default here)
+TWO_RANKS = {
+    "ddp_a1": [f"{S}=ddp", f"{B}=16"], "handmade_a1": [f"{S}=handmade", f"{B}=16"],
+    "fsdp_a1": [f"{S}=fsdp", f"{B}=16"],
+    "ddp": [f"{S}=ddp", f"{A}=2"], "handmade": [f"{S}=handmade", f"{A}=2"], "zero1": [f"{S}=zero1", f"{A}=2"],
+    "fsdp": [f"{S}=fsdp", f"{A}=2"], "fsdp_zero2": [f"{S}=fsdp", f"{A}=2", "trainer.reshard_after_forward=false"],
+    # each resumes at step 5 a snapshot another strategy wrote
+    "zero1_from_fsdp": [f"{S}=zero1", f"{A}=2", "resume_from=fsdp@5"],
+    "fsdp_from_zero1": [f"{S}=fsdp", f"{A}=2", "resume_from=zero1@5"],
+    "ddp_from_zero1": [f"{S}=ddp", f"{A}=2", "resume_from=zero1@5"],
+    # float16 with a gradient scaler against float32, both clipped at 1
+    "ddp_clip": [f"{S}=ddp", f"{A}=2", "trainer.grad_clip=1"],
+    "ddp_fp16": [f"{S}=ddp", f"{A}=2", "trainer.grad_clip=1", "trainer.dtype=float16"],
+    "fsdp_fp16": [f"{S}=fsdp", f"{A}=2", "trainer.dtype=float16"],
+    "accum4_alone": [f"{A}=4", "alone"],  # one process, 4 micro-steps of 8: the same 32 sequences
+    # dropout on: the resumed half must also draw the same dropout masks
+    "straight": [f"{A}=2", "model.dropout=0.1"],
+    "first_half": [f"{A}=2", "model.dropout=0.1", "trainer.max_iters=5", "trainer.lr_decay_iters=10"],
+    "resumed": [f"{A}=2", "model.dropout=0.1", "trainer.lr_decay_iters=10", "resume_from=first_half@5"],
+}
+THREE_RANKS = {  # 24 sequences per step, or 48 with 2 micro-steps
+    "ddp_a1": [f"{S}=ddp"], "handmade_a1": [f"{S}=handmade"],
+    "ddp": [f"{S}=ddp", f"{A}=2"], "handmade": [f"{S}=handmade", f"{A}=2"], "zero1": [f"{S}=zero1", f"{A}=2"],
+}
+
+
+def train_in_turn(out, runs: dict, nproc: int):
+    specs = [f"{name}:{','.join(overrides)}" for name, overrides in runs.items()]
+    proc = run(torchrun(nproc, WORKER, out, *specs, "--", *COMMON), cwd=out, timeout=400)
+    assert proc.stdout.count(" finished at step ") == len(runs), proc.stdout[-3000:]
+    return out
+
+
+@pytest.fixture(scope="module")
+def two(tmp_path_factory):
+    return train_in_turn(tmp_path_factory.mktemp("two_ranks"), TWO_RANKS, 2)
+
+
+@pytest.fixture(scope="module")
+def three(tmp_path_factory):
+    return train_in_turn(tmp_path_factory.mktemp("three_ranks"), THREE_RANKS, 3)
+
+
+def snapshot(folder, name):
+    return torch.load(folder / f"{name}.pt", map_location="cpu", weights_only=True)
+
+
+def report(folder, name):
+    return json.loads((folder / f"{name}.json").read_text())
+
+
+def weights_difference(a: dict, b: dict) -> float:
+    assert a["model"].keys() == b["model"].keys()
+    return max((a["model"][k].float() - b["model"][k].float()).abs().max().item() for k in a["model"])
+
+
+def moments_difference(a: dict, b: dict) -> float:
+    """The largest relative difference of AdamW's moments (exp_avg, exp_avg_sq) over all parameters."""
+    sa, sb = a["optimizer"]["state"], b["optimizer"]["state"]
+    assert sa.keys() == sb.keys() and len(sa) > 0
+    return max(((sa[k][m] - sb[k][m]).norm() / sb[k][m].norm()).item() for k in sa for m in ("exp_avg", "exp_avg_sq"))
+
+
+def assert_same_training(a: dict, b: dict, weights_tol=0.0, moments_tol=0.0):
+    assert a["step"] == b["step"] == 10
+    assert weights_difference(a, b) <= weights_tol
+    assert moments_difference(a, b) <= moments_tol
+
+
+@pytest.mark.parametrize("name, reference", [
+    ("handmade_a1", "ddp_a1"), ("fsdp_a1", "ddp_a1"),
+    ("handmade", "ddp"), ("zero1", "ddp"), ("fsdp", "ddp"), ("fsdp_zero2", "ddp"),
+])
+def test_every_strategy_trains_the_same_model_on_two_ranks(two, name, reference):
+    """Bit-identical weights and AdamW moments (tolerance 0: see the module's docstring)."""
+    assert_same_training(snapshot(two, name), snapshot(two, reference))
+
+
+@pytest.mark.parametrize("name, reference", [("handmade_a1", "ddp_a1"), ("handmade", "ddp"), ("zero1", "ddp")])
+def test_every_strategy_trains_the_same_model_on_three_ranks(three, name, reference):
+    assert_same_training(snapshot(three, name), snapshot(three, reference), WEIGHTS_TOL, MOMENTS_TOL)
+
+
+def test_accumulation_is_a_mean_over_the_larger_batch(two):
+    """The same 32 sequences per step: 2 ranks x 2 micro-steps of 8 (DDP skips the all-reduce on the first),
+    2 ranks x 16 at once, 1 process x 4 micro-steps of 8. A gradient summed over micro-steps instead of
+    averaged (backward() before dividing the loss) is 2x or 4x: the moments tell."""
+    assert_same_training(snapshot(two, "ddp"), snapshot(two, "ddp_a1"), WEIGHTS_TOL, MOMENTS_TOL)
+    assert_same_training(snapshot(two, "accum4_alone"), snapshot(two, "ddp"), WEIGHTS_TOL, MOMENTS_TOL)
+
+
+def test_every_rank_holds_the_same_weights(two, three):
+    """Not only rank 0's (the one the snapshot saves): a rank-dependent learning rate, or a rank that steps
+    on gradients it did not average, leaves the copies apart. (FSDP ranks hold different shards.)"""
+    for folder, runs in ((two, TWO_RANKS), (three, THREE_RANKS)):
+        for name in runs:
+            ranks = report(folder, name)["ranks"]
+            if not name.startswith("fsdp"):  # (a run alone has one rank: nothing to compare)
+                assert len({r["weights"] for r in ranks}) == 1, (folder.name, name, ranks)
+
+
+def test_accumulation_sends_once_per_step(two):
+    """Collectives of one optimizer step, counted as they start (minGPT-ddp/traffic.py). With 2 micro-steps DDP
+    and the hand-made DDP all-reduce once, as with 1: no_sync must cover the first micro-step's forward too
+    (DDP decides there) and FSDP must skip the first reduce-scatter (set_requires_gradient_sync(False)). The
+    numbers match nothing else, so a skipped sync fails as a doubled one does."""
+    counts = {name: report(two, name)["collectives"].get("counts") for name in TWO_RANKS}
+    for strategy in ("ddp", "handmade"):
+        assert counts[strategy] == counts[f"{strategy}_a1"] == {"all_reduce": 1}  # one bucket: 30k parameters
+    units = N_LAYER + 1  # the blocks and the root: one FSDP unit each
+    assert counts["fsdp"]["reduce_scatter"] == counts["fsdp_a1"]["reduce_scatter"] == units
+    # Gathers: ZeRO-3 gathers each block again for backward, and everything again for each micro-step.
+    assert counts["fsdp_a1"]["all_gather"] == 2 * units - 1
+    assert counts["fsdp"]["all_gather"] == 2 * (2 * units - 1)
+    assert counts["fsdp_zero2"] == {"all_gather": 2 * units, "reduce_scatter": units}  # kept until backward
+    assert counts["zero1"] == {"all_reduce": 1, "broadcast": 2}  # each rank sends the weights it stepped
+
+
+def test_zero1_and_fsdp_hold_half_the_adamw_state_per_rank(two):
+    ddp = [r["optimizer_bytes"] for r in report(two, "ddp")["ranks"]]
+    for name in ("zero1", "fsdp"):
+        sharded = [r["optimizer_bytes"] for r in report(two, name)["ranks"]]
+        assert all(s <= 0.55 * d for s, d in zip(sharded, ddp, strict=True)), (name, sharded, ddp)
+        assert sum(sharded) >= sum(ddp) / 2  # all of it, shared out: each parameter's state on one rank
+    # What each sends per step, in bytes: ZeRO-1 adds a broadcast of the weights (half DDP's all-reduce)
+    sent = {name: report(two, name)["collectives"]["bytes_sent"] for name in ("ddp", "zero1")}
+    assert sent["zero1"] == pytest.approx(1.5 * sent["ddp"], rel=0.01)
+
+
+@pytest.mark.parametrize("name, reference", [
+    ("zero1_from_fsdp", "ddp"), ("fsdp_from_zero1", "ddp"), ("ddp_from_zero1", "ddp")])
+def test_a_snapshot_resumes_under_any_strategy(two, name, reference):
+    """Steps 6-10 of each run resumed the step-5 snapshot of another strategy (one whole-model file: zero1
+    consolidates its AdamW state on rank 0, FSDP gathers its shards); all end where the uninterrupted
+    DDP run ends, bit for bit."""
+    assert_same_training(snapshot(two, name), snapshot(two, reference))
+
+
+def test_resume_is_bit_identical(two):
+    """10 steps straight, or 5 then 5 more after a resume: every tensor of the two snapshots is equal
+    (weights, AdamW moments and steps), dropout masks included."""
+    straight, resumed = snapshot(two, "straight"), snapshot(two, "resumed")
+    assert resumed["step"] == straight["step"] == 10
+    assert weights_difference(resumed, straight) == 0.0
+    for name, state in straight["optimizer"]["state"].items():
+        for key, value in state.items():
+            assert torch.equal(resumed["optimizer"]["state"][name][key], value), (name, key)
+    assert losses(two, "resumed") == {k: v for k, v in losses(two, "straight").items() if k[0] > 5}
+
+
+def losses(folder, name) -> dict:
+    """(iter, "loss" or "val_loss") -> value, from a run's JSONL log."""
+    records = [json.loads(line) for line in (folder / f"{name}.jsonl").read_text().splitlines()]
+    return {(r["iter"], key): r[key] for r in records for key in ("loss", "val_loss") if key in r}
+
+
+def test_float16_clips_the_true_gradients(two):
+    """float16 with a gradient scaler, clipped at 1, against float32: the scaler unscales the gradients before
+    clipping, so both clip the same gradients, and the moments agree to float16's rounding (1.6e-3 measured;
+    2e-2 allowed). Clipping the scaled gradients (65536 times larger) would shrink them 65536 times."""
+    fp16, fp32 = snapshot(two, "ddp_fp16"), snapshot(two, "ddp_clip")
+    assert moments_difference(fp16, fp32) < 2e-2
+    # No step overflowed, so the scale is still its first value; under FSDP too, whose float16 forward has no
+    # autocast: the loss must be float32 there, or 65536 x its gradient overflows at once (model.py).
+    assert report(two, "ddp_fp16")["scale"] == report(two, "fsdp_fp16")["scale"] == 65536.0
