@@ -9,16 +9,16 @@ fix.
     python notebooks/ddp_errors.py --error partial --fix   # every rank calls every collective
     python notebooks/ddp_errors.py --error partial --show_stacks  # where is each rank stuck?
 
-Where is each rank stuck? Every rank registers Python's faulthandler for SIGUSR1 before it does
-anything else: `kill -USR1 PID` makes that process print the Python stack of each of its threads,
-even while it waits inside a collective. With --show_stacks this parent does it for you, every
-0.5 s; once every rank still running shows the same stack twice, it prints them, tagged with the
-rank, with the line of this file each rank waits on.
-Started by torchrun instead, each process is one rank, for trying what you would do with a real job
-(see TROUBLESHOOTING.md, "Where is each rank stuck?"):
+Where is each rank stuck? Every rank registers Python's faulthandler for SIGUSR1 (not on
+Windows, which lacks it) before it does anything else: `kill -USR1 PID` makes that process print
+the Python stack of each of its threads, even while it waits inside a collective. With
+--show_stacks this parent does it for you, every 0.5 s; once every rank still running shows the
+same stack twice, it prints them, tagged with the rank, with the line of this file each rank
+waits on. Started by torchrun instead, each process is one rank, for trying what you would do
+with a real job (see TROUBLESHOOTING.md, "Where is each rank stuck?"):
 
     torchrun --standalone --nproc-per-node 2 notebooks/ddp_errors.py --error partial --timeout_s 60
-    py-spy dump --subprocesses --pid $(pgrep -n torchrun)    # or: kill -USR1 $(pgrep -P PID)
+    py-spy dump --subprocesses --pid PID   # PID: torchrun's (pgrep -af torchrun); or kill -USR1 ...
 
 Nothing here can hang. The process group has a short timeout (--timeout_s, 5 s): a rank that waits
 for a peer that never comes fails with an error instead of waiting forever (a real training script
@@ -150,11 +150,11 @@ def worker(rank, args, port=None, started=None):
     `started`: a counter shared with the parent, of the ranks whose process group is up."""
     # One write per line: the ranks' lines never mix.
     sys.stdout.reconfigure(line_buffering=True, write_through=False)
-    # First of all, so that even a rank stuck in init_process_group can be asked where it is.
-    # faulthandler keeps a reference to the file and writes it from the signal handler itself:
-    # no Python code has to run, so it answers while this process waits in C++ (Gloo, NCCL).
-    stack_file = open(stack_path(args.stacks_dir, rank), "w") if args.stacks_dir else sys.stderr
-    faulthandler.register(signal.SIGUSR1, file=stack_file, all_threads=True)
+    # First, so that even a rank stuck in init_process_group can say where. faulthandler writes from
+    # the signal handler itself, no Python code runs: it answers while we wait in C++ (Gloo, NCCL).
+    if hasattr(signal, "SIGUSR1"):  # not on Windows
+        stack_file = open(stack_path(args.stacks_dir, rank), "w") if args.stacks_dir else sys.stderr
+        faulthandler.register(signal.SIGUSR1, file=stack_file, all_threads=True)
 
     def say(message):
         print(f"[cpu:{rank}] {message}")
@@ -313,9 +313,9 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     if under_torchrun():  # torchrun's --nproc-per-node and --nnodes set the number of processes
         args.world_size = int(os.environ["WORLD_SIZE"])
-        if args.show_stacks:
-            parser.error("--show_stacks is for a run without torchrun; under torchrun, ask the "
-                         "processes yourself: py-spy dump, or kill -USR1 (see the docstring)")
+    if args.show_stacks and (under_torchrun() or not hasattr(signal, "SIGUSR1")):
+        parser.error("--show_stacks: only without torchrun (under it, use py-spy dump or kill "
+                     "-USR1: see the docstring) and not on Windows (it lacks SIGUSR1)")
     if args.world_size < 2:
         parser.error("--world_size must be at least 2: these errors need two processes")
     if args.timeout_s <= 0 or args.deadline_s <= 0:

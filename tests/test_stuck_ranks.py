@@ -10,6 +10,7 @@ rank shows must name the line it waits on, while it waits (before the process-gr
 
 Two runs in all (one plain, one torchrun), every assert on them; each ends by its own timeout.
 """
+import importlib.util
 import json
 import os
 import re
@@ -70,6 +71,20 @@ def test_show_stacks_names_the_line_each_rank_waits_on(tmp_path):
     for rank in (0, 1):
         assert out.index(f"[cpu rank {rank}] waits in") < out.index(f"[cpu:{rank}] RuntimeError after"), out
     assert "ddp_errors: exit codes rank 0 1, rank 1 1" in out
+
+
+def test_show_stacks_under_torchrun_is_refused_in_one_line(monkeypatch, capsys):
+    """Under torchrun there is no parent to ask the ranks: one line says what to do instead."""
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    spec = importlib.util.spec_from_file_location("ddp_errors", SCRIPT)
+    ddp_errors = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ddp_errors)  # its `if __name__ == "__main__"` part does not run
+    with pytest.raises(SystemExit) as exit_:
+        ddp_errors.parse_args(["--error", "partial", "--show_stacks"])
+    assert exit_.value.code == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "error: --show_stacks: only without torchrun (under it, use py-spy dump or kill" in last
 
 
 @pytest.fixture(scope="module")
