@@ -7,6 +7,7 @@ The same code serves three ways of starting:
   * any launcher that sets those variables itself.
 """
 import os
+import socket
 import sys
 from dataclasses import dataclass
 from datetime import timedelta
@@ -40,7 +41,8 @@ class Runtime:
 
     @property
     def tag(self) -> str:
-        # Every line says which process it comes from: "[cpu rank 1]", "[cuda:3 rank 7]" (GPU 3 of its node).
+        # Every line says which process it comes from: "[cpu rank 1]", "[cuda:3 rank 7]" (GPU 3
+        # of its node, global rank 7).
         return f"[{self.device} rank {self.rank}]"
 
     def print(self, message: str, every_rank: bool = False):
@@ -49,8 +51,9 @@ class Runtime:
 
 
 def pick_device(local_rank: int, local_world_size: int):
-    """GPU number `local_rank` and its backend if this node has a GPU for every process; else every
-    process uses the CPU and Gloo (e.g. 2 processes on a laptop or a one-GPU notebook), as in the steps."""
+    """GPU number `local_rank` and its backend if this node has a GPU for every process; else
+    every process uses the CPU and Gloo (2 processes on a laptop or a one-GPU notebook), as in the
+    steps."""
     here = machine.Machine.here()
     kind = machine.device_type(here, local_world_size)
     device = torch.device(kind, local_rank) if kind != "cpu" else torch.device("cpu")
@@ -82,20 +85,68 @@ def start(timeout: timedelta = DEFAULT_TIMEOUT) -> Runtime:
     if not launched:
         return Runtime(0, 0, 1, device, None)
     store = store_for_this_attempt(timeout)
+    agree_on_backend(store, rank, world_size, local_rank, f"{backend} on {device.type}",
+                     f"{gpus_here()} GPU(s) for {local_world_size} process(es)")
     dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=timeout,
                             device_id=device if device.type != "cpu" else None)
     return Runtime(rank, local_rank, world_size, device, backend)
 
 
-def store_for_this_attempt(timeout: timedelta) -> dist.Store:
-    """env://'s key-value store (where the processes swap addresses), with keys of this attempt's own.
+def agree_on_backend(store: dist.Store, rank: int, world_size: int, local_rank: int, choice: str,
+                     why: str):
+    """Every node picks its device and backend alone (pick_device). A node with fewer GPUs than
+    processes picks the CPU and Gloo while the others pick their GPUs and NCCL, and
+    init_process_group would then wait for peers that never come, until the timeout. So every
+    rank posts its choice in the store, rank 0 compares them all and posts the verdict: go on, or
+    one line naming what each node picked, which every rank stops with (each node's local rank 0
+    prints it)."""
+    node = (f"node {os.environ['GROUP_RANK']}" if "GROUP_RANK" in os.environ  # torchrun's node rank
+            else socket.gethostname())
+    store.set(f"ddp_setup/choice/{rank}", "\t".join((node, choice, why)))
+    if rank == 0:
+        keys = [f"ddp_setup/choice/{r}" for r in range(world_size)]
+        store.wait(keys)
+        posted = [tuple(value.decode().split("\t")) for value in store.multi_get(keys)]
+        verdict = ""
+        if len({choice for _, choice, _ in posted}) > 1:
+            groups = {}  # (node, choice, why) -> its ranks
+            for r, post in enumerate(posted):
+                groups.setdefault(post, []).append(r)
+            nodes = [f"{node} (rank{'s' * (len(ranks) > 1)} {spans(ranks)}): {choice}, {why}"
+                     for (node, choice, why), ranks in groups.items()]
+            verdict = ("the nodes picked different backends and would wait for each other until "
+                       f"the timeout: {'; '.join(nodes)}. Give every node one GPU per process "
+                       "(torchrun --nproc-per-node), or hide the GPUs on every node "
+                       "(CUDA_VISIBLE_DEVICES=) to train on CPUs")
+        store.set("ddp_setup/choice_verdict", verdict)
+    verdict = store.get("ddp_setup/choice_verdict").decode()
+    if verdict:
+        if local_rank == 0:
+            print(f"error: {verdict}", file=sys.stderr, flush=True)
+        raise SystemExit(2)
 
-    torchrun keeps one store for the whole job when it restarts the processes (--max-restarts), and
-    init_process_group writes the same keys on every attempt: a restarted process can read an address
-    a dead predecessor left there and fail ("Connection refused"; pytorch/pytorch#135712). So every
-    process counts its rank's starts in the store, and its keys go under that number. torchrun restarts
-    all processes together, so every rank counts the same. (Not TORCHELASTIC_RESTART_COUNT: on several
-    nodes torchrun counts a restart only on the node whose process failed, and the nodes would disagree.)
+
+def spans(ranks: list) -> str:
+    """[0, 1, 2, 5] -> "0-2, 5"."""
+    runs = []  # [first, last] of consecutive ranks
+    for r in ranks:
+        if runs and runs[-1][1] == r - 1:
+            runs[-1][1] = r
+        else:
+            runs.append([r, r])
+    return ", ".join(f"{first}-{last}" if last > first else f"{first}" for first, last in runs)
+
+
+def store_for_this_attempt(timeout: timedelta) -> dist.Store:
+    """env://'s key-value store (where the processes swap addresses), with this attempt's own keys.
+
+    torchrun keeps one store for the whole job when it restarts the processes (--max-restarts),
+    and init_process_group writes the same keys on every attempt: a restarted process can read an
+    address a dead predecessor left there and fail ("Connection refused"; pytorch/pytorch#135712).
+    So every process counts its rank's starts in the store, and its keys go under that number.
+    torchrun restarts all processes together, so every rank counts the same. (Not
+    TORCHELASTIC_RESTART_COUNT: on several nodes torchrun counts a restart only on the node whose
+    process failed, and the nodes would disagree.)
     """
     store, rank, _ = next(dist.rendezvous("env://", timeout=timeout))
     attempt = store.add(f"ddp_setup/starts_of_rank_{rank}", 1)

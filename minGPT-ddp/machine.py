@@ -6,7 +6,7 @@ and the tests plan for a T4, an A100, 8 H100s or a Mac this way, with the same r
 that minGPT-ddp applies when it starts.
 """
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional
 
 import torch
@@ -41,6 +41,32 @@ class Machine:
     def gpus_with_backend(self) -> int:
         """GPUs that several processes can use together (0 for MPS, which has no backend)."""
         return self.gpus if self.accelerator in BACKENDS else 0
+
+    def describe(self) -> str:
+        if self.accelerator is None:
+            return f"no GPU, {self.cores} CPU cores"
+        if self.accelerator == "mps":
+            return f"Apple GPU (MPS: no backend between processes), {self.cores} CPU cores"
+        bf16 = "native bf16" if self.gpu_bf16 else "no native bf16"
+        return f"{self.gpus} x {self.gpu_name} ({bf16}), {self.cores} CPU cores"
+
+    def without_gpus(self) -> "Machine":
+        """This machine with its GPUs hidden (CUDA_VISIBLE_DEVICES=): what a GPU machine's run
+        forced onto the CPU sees."""
+        return replace(self, accelerator=None, gpus=0, gpu_name="", gpu_bf16=False)
+
+
+# Machines a workshop meets, described by hand. tools/plan.py plans the tour and gpu-check for
+# each, the tests run every command of those plans on a CPU, and `tools/gpu_check.py --on-cpu
+# --machine NAME` does the same by hand (docs/MACHINES.md).
+EXAMPLES = {
+    "cpu": Machine(cores=8),  # a laptop without a GPU (Linux, Windows, an Intel Mac)
+    "mps": Machine("mps", 1, "mps", cores=8),  # an Apple-silicon Mac
+    "t4": Machine("cuda", 1, "Tesla T4", gpu_bf16=False, cores=2),  # a hosted notebook (Colab)
+    "a100": Machine("cuda", 1, "NVIDIA A100-SXM4-40GB", gpu_bf16=True, cores=12),  # a cloud GPU
+    "2xt4": Machine("cuda", 2, "Tesla T4", gpu_bf16=False, cores=4),  # Kaggle's "GPU T4 x2"
+    "8xh100": Machine("cuda", 8, "NVIDIA H100 80GB HBM3", gpu_bf16=True, cpu_bf16=True, cores=192),
+}
 
 
 def cpu_has_bf16() -> bool:
@@ -81,5 +107,6 @@ def amp_dtype(machine: Machine, on_gpu: bool) -> torch.dtype:
 
 def mingpt_config(machine: Machine, processes_per_node: int) -> str:
     """minGPT-ddp's default config: the 25M-parameter GPT only where the processes get GPUs;
-    on CPU processes (a laptop, a Mac, 2 processes on one GPU) a small one that trains in a minute."""
+    on CPU processes (a laptop, a Mac, 2 processes on one GPU) a small one that trains in a
+    minute."""
     return "gpt2_train_cfg.yaml" if uses_gpus(machine, processes_per_node) else "cpu_cfg.yaml"
