@@ -4,7 +4,8 @@
 #   cd ddp-steps && sbatch minGPT-ddp/slurm/sbatch_run.sh         # 2 nodes, CPU or GPU: whatever they have
 #   sbatch minGPT-ddp/slurm/sbatch_run.sh trainer.max_iters=2000 model.n_layer=6   # key=value go to main.py
 #   sbatch --nodes 4 --gpus-per-node 8 --cpus-per-task 32 minGPT-ddp/slurm/sbatch_run.sh \
-#       config=minGPT-ddp/gpt2_train_cfg.yaml                   # 4 GPU nodes, the 8-layer model
+#       config=minGPT-ddp/gpt2_train_cfg.yaml trainer.grad_accum_steps=32 trainer.batch_size=16
+#                                    # 4 GPU nodes, the 8-layer model: 32 GPUs share its 65,536-token step
 #
 # main.py's default config is cpu_cfg.yaml without a GPU, gpt2_train_cfg.yaml with one. It
 # writes its snapshot and metrics to runs/mingpt/ under the job's working directory (the
