@@ -1,43 +1,39 @@
-"""DistributedSampler as the steps use it, observed on real ranks (torchrun + gloo).
+"""DistributedSampler, as the README describes it (step 02), checked in this process: no process
+group is needed to ask a sampler for rank r of N its share (num_replicas, rank).
 
-Padding: when the data set does not divide by the world size, DistributedSampler (with
-its default drop_last=False) repeats the first few indices of the shuffled order so that
-every rank gets ceil(n / world_size) samples and the same number of batches. So: each
-sample is seen exactly once per epoch when n divides evenly, and otherwise at least once,
-with exactly world_size * ceil(n / world_size) - n samples seen twice.
+With its default drop_last=False, a data set that does not divide by the world size is padded:
+the first few indices of the shuffled order come again, so that every rank gets
+ceil(n / world_size) samples and the same number of batches. Each sample is seen once per
+epoch when n divides evenly, otherwise at least once, with exactly
+world_size * ceil(n / world_size) - n samples seen twice; set_epoch reshuffles. (That the steps
+use the sampler so, set_epoch included, is what test_ddp_equivalence.py and the step 03, 05
+and 06 tests check: a step that skips set_epoch ends elsewhere.)
 """
-import json
 import math
 from collections import Counter
 
 import pytest
-
-from conftest import run, torchrun
-
-
-def sampler_indices(tmp_path, world_size, dataset_size):
-    out = tmp_path / "indices.json"
-    run(torchrun(world_size, "tests/workers/sampler_indices.py", dataset_size, out), cwd=tmp_path)
-    return json.loads(out.read_text())  # [rank][epoch as str][attempt] -> list of indices
+from torch.utils.data.distributed import DistributedSampler
 
 
-@pytest.mark.parametrize("world_size,dataset_size", [(2, 64), (3, 64)])
-def test_each_sample_once_per_epoch_and_set_epoch_reshuffles(tmp_path, world_size, dataset_size):
-    ranks = sampler_indices(tmp_path, world_size, dataset_size)
+@pytest.mark.parametrize("world_size,dataset_size", [(2, 64), (3, 64), (8, 410)])
+def test_each_sample_once_per_epoch_and_set_epoch_reshuffles(world_size, dataset_size):
+    samplers = [DistributedSampler(range(dataset_size), num_replicas=world_size, rank=r)
+                for r in range(world_size)]
     per_rank = math.ceil(dataset_size / world_size)
-    padding = world_size * per_rank - dataset_size
-    for epoch in ("0", "1"):
+    orders = {}
+    for epoch in (0, 1):
         seen = Counter()
-        for rank in ranks:
-            first, again = rank[epoch]
+        for rank, sampler in enumerate(samplers):
+            sampler.set_epoch(epoch)
+            first, again = list(sampler), list(sampler)
             assert first == again, "the same epoch must give the same order"
             assert len(first) == per_rank, "every rank gets the same number of samples"
             seen.update(first)
+            orders[epoch, rank] = first
         assert set(seen) == set(range(dataset_size)), "every sample is seen in every epoch"
-        assert sum(count - 1 for count in seen.values()) == padding
-        if padding == 0:
-            assert all(count == 1 for count in seen.values())
-    for rank in ranks:
-        assert rank["0"][0] != rank["1"][0], "set_epoch must change each rank's order"
+        assert sum(count - 1 for count in seen.values()) == world_size * per_rank - dataset_size
+    for rank in range(world_size):
+        assert orders[0, rank] != orders[1, rank], "set_epoch must change each rank's order"
     # and not only the order within a rank: which samples a rank gets changes too
-    assert set(ranks[0]["0"][0]) != set(ranks[0]["1"][0])
+    assert set(orders[0, 0]) != set(orders[1, 0])
