@@ -1,6 +1,6 @@
 """Training throughput (tokens/s) and MFU of a config at a given world size, measured on
-the same train_step that main.py runs; DDP weak scaling; and the memory each rank holds
-under DDP and under FSDP (trainer.strategy).
+the same train_step that main.py runs; DDP weak scaling; what makes DDP fast (its levers, side
+by side); and the memory each rank holds and the bytes it sends under each strategy.
 
 usage:
   python minGPT-ddp/bench.py [options] [config=FILE] [key=value ...]
@@ -9,18 +9,27 @@ usage:
   python minGPT-ddp/bench.py --nproc 2 --threads 1                          2 ranks (torchrun inside)
   python minGPT-ddp/bench.py --nproc 2 --threads 1 trainer.strategy=fsdp    2 ranks, sharded
   python minGPT-ddp/bench.py --weak-scaling --nproc 2 --threads 1           1 rank vs 2 ranks, same per-rank batch
+  python minGPT-ddp/bench.py --ddp-levers --nproc 2                         DDP's settings side by side
   python minGPT-ddp/bench.py --memory 1,2,4 --threads 1 --iters 2 --warmup 1 --windows 1
-                                                        DDP and FSDP on 1, 2 and 4 ranks: bytes per rank
+                                              ddp, zero1, fsdp-2, fsdp-3 on 1, 2 and 4 ranks: bytes per rank
   torchrun --standalone --nproc-per-node 8 minGPT-ddp/bench.py              8 GPUs
 
 Weak scaling keeps the per-rank batch fixed, so N ranks do N times the work per step;
 efficiency = tokens/s of N ranks / (N x tokens/s of 1 rank). 1.0 means communication
-costs nothing. The 1-rank run is a plain process without DDP: the baseline to beat.
+costs nothing. The 1 rank is a plain process without DDP (rank 0 training alone while the
+others wait, in turns with the N ranks: the first two rows of --ddp-levers).
+
+--ddp-levers times, in one process group of --nproc ranks, one model per setting: DDP as
+configured, other bucket sizes, gradient_as_bucket_view and static_graph switched, a 16-bit
+compression hook, the hand-made DDP (trainer.strategy=handmade), a no-op hook that sends nothing
+(the ceiling), and rank 0 training alone without DDP (the weak-scaling baseline). Their windows
+take turns, so every setting sees the same load on a shared machine: the ratios hold, where times
+measured one after the other would not.
 
 Every run also reports, for each rank, the bytes of its parameters, gradients and AdamW
-state (what it holds of them: all under DDP, 1/N under FSDP) and its peak memory: the
-peak resident set of the process on a CPU (everything: Python, PyTorch, data, model),
-the peak of PyTorch's allocations on a GPU.
+state (what it holds of them: all under DDP, 1/N under FSDP), its peak memory (the peak
+resident set of the process on a CPU: everything, Python, PyTorch, data, model; the peak
+of PyTorch's allocations on a GPU), and the bytes it sends in one step (minGPT-ddp/traffic.py).
 The config keys and their defaults are main.py's (see python minGPT-ddp/main.py --help).
 """
 import argparse
@@ -28,7 +37,6 @@ import json
 import os
 import resource
 import statistics
-import subprocess
 import sys
 import time
 from datetime import timedelta
@@ -40,11 +48,19 @@ from torch.distributed.tensor import DTensor
 
 import config
 import ddp_setup
+import traffic
 from char_dataset import CharData
 from model import GPT
 from trainer import Trainer, check_setup
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+import proc  # noqa: E402  (tools/proc.py: a command with a time limit that ends torchrun's workers too)
+
 RESULT_PREFIX = "BENCH_RESULT "  # the line a worker prints for the process that launched it
+# --memory: the ZeRO ladder, from a whole copy per rank to everything sharded
+LADDER = (("ddp", ["trainer.strategy=ddp"]), ("zero1", ["trainer.strategy=zero1"]),
+          ("fsdp-2", ["trainer.strategy=fsdp", "trainer.reshard_after_forward=false"]),
+          ("fsdp-3", ["trainer.strategy=fsdp", "trainer.reshard_after_forward=true"]))
 
 
 def parse_args():
@@ -57,15 +73,22 @@ def parse_args():
                              "on a shared machine some windows lose the CPU to others (default: %(default)s)")
     parser.add_argument("--nproc", type=int, default=1, help="ranks to start with torchrun (default: %(default)s)")
     parser.add_argument("--threads", type=int, default=None,
-                        help="OMP_NUM_THREADS per rank on CPU (default: as it is; 1 with --weak-scaling)")
-    parser.add_argument("--weak-scaling", action="store_true", help="run 1 rank, then --nproc ranks, compare")
+                        help="OMP_NUM_THREADS per rank on CPU (default: as it is; 1 with --weak-scaling and "
+                             "--ddp-levers)")
+    parser.add_argument("--weak-scaling", action="store_true",
+                        help="1 rank against --nproc ranks (2 if not given), same per-rank batch, side by side")
+    parser.add_argument("--ddp-levers", action="store_true",
+                        help="time DDP's settings side by side on --nproc ranks (2 if not given)")
     parser.add_argument("--memory", metavar="N,N,...", default=None,
-                        help="run DDP and FSDP on each of these numbers of ranks and print bytes per rank")
+                        help="run ddp, zero1, fsdp-2 and fsdp-3 on each of these numbers of ranks and print the "
+                             "bytes per rank")
+    parser.add_argument("--timeout", type=float, default=1800,
+                        help="seconds a benchmark run may take before it is stopped (default: %(default)s)")
     parser.add_argument("--log_file", default=None, help="append each run's result here as one JSON line")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)  # set by launch()
     args, overrides = parser.parse_known_args()
-    if args.iters < args.windows or args.windows < 1 or args.warmup < 0 or args.nproc < 1:
-        bad_flag("need --iters >= --windows >= 1, --warmup >= 0 and --nproc >= 1")
+    if args.iters < args.windows or args.windows < 1 or args.warmup < 0 or args.nproc < 1 or args.timeout <= 0:
+        bad_flag("need --iters >= --windows >= 1, --warmup >= 0, --nproc >= 1 and --timeout > 0")
     if args.memory is not None:
         try:
             args.memory = [int(n) for n in args.memory.split(",")]
@@ -99,13 +122,41 @@ def peak_memory_bytes(device: torch.device) -> int:
 
 
 def memory_step(trainer, it: int) -> dict:
-    """One training step, with the bytes this rank holds counted while its gradients exist."""
-    trainer.accumulate_gradients(it)
-    params = list(trainer.raw_model.parameters())
-    grad_bytes = local_bytes(p.grad for p in params if p.grad is not None)
-    trainer.optimizer_step()
+    """One training step, with the bytes this rank holds counted while its gradients exist, and what it sent."""
+    with traffic.CollectiveCounter(trainer.rt.world_size) as sent:
+        trainer.accumulate_gradients(it)
+        params = list(trainer.raw_model.parameters())
+        grad_bytes = local_bytes(p.grad for p in params if p.grad is not None)
+        trainer.optimizer_step()
     return {"param_bytes": local_bytes(params), "grad_bytes": grad_bytes,
-            "optimizer_bytes": local_bytes(trainer.local_optimizer_state())}
+            "optimizer_bytes": local_bytes(trainer.local_optimizer_state()),
+            "sent_bytes": round(sent.bytes_sent), "collectives": dict(sent.counts)}
+
+
+def build(cfg, data: CharData, rt: ddp_setup.Runtime) -> Trainer:
+    torch.manual_seed(cfg.trainer.seed)
+    trainer = Trainer(cfg, GPT(cfg.model, len(data.vocab)), data, rt)
+    if rt.device.type == "cuda":  # the MFU probe's big matmuls (mfu.py) are not part of training
+        torch.cuda.reset_peak_memory_stats(rt.device)
+    return trainer
+
+
+def timed_window(trainer, rt, first: int, steps: int) -> float:
+    """Seconds for optimizer steps first .. first+steps-1, from the moment all of rt's ranks start."""
+    synchronize(rt)
+    start = time.perf_counter()
+    for it in range(first, first + steps):
+        loss = trainer.train_step(it)
+    loss.item()  # waits for the GPU
+    synchronize(rt)  # the slowest rank sets the pace
+    return time.perf_counter() - start
+
+
+def speed(trainer, window_seconds: list, steps_per_window: int) -> dict:
+    tokens = steps_per_window * trainer.tokens_per_step
+    return {"tokens_per_s": round(tokens / min(window_seconds), 1),
+            "tokens_per_s_median": round(tokens / statistics.median(window_seconds), 1),
+            "ms_per_step": round(1000 * min(window_seconds) / steps_per_window, 2)}
 
 
 def measure(args, overrides):
@@ -116,54 +167,119 @@ def measure(args, overrides):
     try:
         check_setup(cfg.trainer, rt)
         base_bytes = peak_memory_bytes(rt.device)  # before the model: Python, PyTorch, the data
-        torch.manual_seed(cfg.trainer.seed)
-        trainer = Trainer(cfg, GPT(cfg.model, len(data.vocab)), data, rt)
+        trainer = build(cfg, data, rt)
         memory = memory_step(trainer, 0)  # the first warmup step
         first = max(args.warmup, 1)
         for it in range(1, first):
             trainer.train_step(it)
-        steps_per_window = args.iters // args.windows
-        window_seconds = []
-        for window in range(args.windows):
-            synchronize(rt)
-            start = time.perf_counter()
-            for i in range(steps_per_window):
-                loss = trainer.train_step(first + window * steps_per_window + i)
-            loss.item()  # waits for the GPU
-            synchronize(rt)  # the slowest rank sets the pace
-            window_seconds.append(time.perf_counter() - start)
-        tokens = steps_per_window * trainer.tokens_per_step
-        best, median = tokens / min(window_seconds), tokens / statistics.median(window_seconds)
+        steps = args.iters // args.windows
+        windows = [timed_window(trainer, rt, first + w * steps, steps) for w in range(args.windows)]
+        result = {"config": Path(config_path).name, "overrides": list(overrides),
+                  "device": rt.device.type, "world_size": rt.world_size,
+                  "threads_per_rank": torch.get_num_threads() if rt.device.type == "cpu" else None,
+                  "params": trainer.raw_model.num_params(), "flops_per_token": trainer.raw_model.flops_per_token(),
+                  "tokens_per_step": trainer.tokens_per_step, "dtype": str(trainer.dtype).removeprefix("torch."),
+                  "compile": cfg.trainer.compile, **speed(trainer, windows, steps),
+                  "peak_flops_per_rank": trainer.peak_flops, "peak_source": trainer.peak_source,
+                  "strategy": cfg.trainer.strategy, "reshard_after_forward": cfg.trainer.reshard_after_forward}
         peak_all_ranks = trainer.peak_flops * rt.world_size
-        result = {
-            "config": Path(config_path).name, "overrides": [o for o in overrides],
-            "device": rt.device.type, "world_size": rt.world_size,
-            "threads_per_rank": torch.get_num_threads() if rt.device.type == "cpu" else None,
-            "params": trainer.raw_model.num_params(), "flops_per_token": trainer.raw_model.flops_per_token(),
-            "tokens_per_step": trainer.tokens_per_step, "dtype": str(trainer.dtype).removeprefix("torch."),
-            "compile": cfg.trainer.compile, "tokens_per_s": round(best, 1), "tokens_per_s_median": round(median, 1),
-            "ms_per_step": round(1000 * min(window_seconds) / steps_per_window, 2),
-            "mfu": round(best * trainer.raw_model.flops_per_token() / peak_all_ranks, 4),
-            "peak_flops_per_rank": trainer.peak_flops, "peak_source": trainer.peak_source,
-            "strategy": cfg.trainer.strategy,
-        }
+        result["mfu"] = round(result["tokens_per_s"] * trainer.raw_model.flops_per_token() / peak_all_ranks, 4)
         memory.update(peak_bytes=peak_memory_bytes(rt.device), base_bytes=base_bytes,
                       peak_kind="max allocated" if rt.device.type == "cuda" else "peak resident set")
         result["per_rank"] = [json.loads(m) for m in ddp_setup.gather_strings(rt, json.dumps(memory))]
         threads = f" x {result['threads_per_rank']} thread(s)" if rt.device.type == "cpu" else ""
         rt.print(f"bench | {cfg.trainer.strategy} | {rt.world_size} rank(s){threads} | "
-                 f"{result['tokens_per_step']:,} tokens/step | "
-                 f"{best:,.0f} tok/s (median {median:,.0f}) | {best / rt.world_size:,.0f} tok/s per rank | "
-                 f"{result['ms_per_step']:.1f} ms/step | mfu {100 * result['mfu']:.1f}% of {peak_all_ranks / 1e9:,.0f} "
-                 f"GFLOP/s ({trainer.peak_source})")
+                 f"{result['tokens_per_step']:,} tokens/step | {result['tokens_per_s']:,.0f} tok/s (median "
+                 f"{result['tokens_per_s_median']:,.0f}) | {result['tokens_per_s'] / rt.world_size:,.0f} tok/s per "
+                 f"rank | {result['ms_per_step']:.1f} ms/step | mfu {100 * result['mfu']:.1f}% of "
+                 f"{peak_all_ranks / 1e9:,.0f} GFLOP/s ({trainer.peak_source})")
         for rank, m in enumerate(result["per_rank"]):
             rt.print(f"memory | rank {rank} | params {mb(m['param_bytes'])} | grads {mb(m['grad_bytes'])} | "
                      f"AdamW state {mb(m['optimizer_bytes'])} | {m['peak_kind']} {mb(m['peak_bytes'])} "
-                     f"({mb(m['base_bytes'])} before the model)")
+                     f"({mb(m['base_bytes'])} before the model) | sends {mb(m['sent_bytes'])} per step")
         if rt.is_main:
             print(RESULT_PREFIX + json.dumps(result), flush=True)
         time.sleep(0.1)  # let Gloo's thread finish first: a teardown meanwhile can deadlock (see main.py)
         return result
+    finally:
+        ddp_setup.stop(rt)
+
+
+def no_all_reduce(state, bucket):
+    """A DDP comm hook that sends nothing: each rank keeps its own gradients. Wrong training, but it
+    times everything DDP does except the communication."""
+    done = torch.futures.Future()
+    done.set_result(bucket.buffer())
+    return done
+
+
+def levers(rt, cfg, weak_scaling_only: bool) -> list:
+    """(label, config overrides or a special name, why) for each setting --ddp-levers times."""
+    t = cfg.trainer
+    hook = "bf16" if rt.backend in ("nccl", "xccl") else "fp16"  # PyTorch's bf16 hook needs NCCL
+    weak_scaling = [
+        ("1 rank alone, no DDP", "alone", "the baseline each of N ranks would match if sending were free"),
+        (f"DDP as configured ({t.bucket_cap_mb:g} MB buckets)", [], "main.py's settings")]
+    if weak_scaling_only:
+        return weak_scaling
+    return [
+        *weak_scaling,
+        *[(f"bucket_cap_mb={mb_:g}", [f"trainer.bucket_cap_mb={mb_:g}"], "smaller: the first all-reduce starts "
+           "earlier, more of them" if mb_ < t.bucket_cap_mb else "larger: fewer, later all-reduces")
+          for mb_ in (0.25, 1, 4, 100) if mb_ != t.bucket_cap_mb],
+        (f"gradient_as_bucket_view={str(not t.gradient_as_bucket_view).lower()}",
+         [f"trainer.gradient_as_bucket_view={not t.gradient_as_bucket_view}"],
+         "whether .grad is DDP's bucket (no copy in and out)"),
+        (f"static_graph={str(not t.static_graph).lower()}", [f"trainer.static_graph={not t.static_graph}"],
+         "whether DDP may assume the same graph every step"),
+        (f"comm_hook={hook}", [f"trainer.comm_hook={hook}"], "half the bytes; changes the result"),
+        ("strategy=handmade", ["trainer.strategy=handmade"], "handmade.py: hooks, buckets, async all-reduce"),
+        ("no all-reduce (a no-op hook)", "no-op", "the ceiling: DDP without its communication"),
+    ]
+
+
+def measure_levers(args, overrides):
+    """--ddp-levers in every rank: one model per setting, their timed windows in turn."""
+    cfg, config_path, _ = config.load(overrides)
+    data = CharData(cfg.data, cfg.model.block_size)
+    rt = ddp_setup.start(timeout=timedelta(minutes=cfg.trainer.timeout_minutes))
+    try:
+        check_setup(cfg.trainer, rt)
+        if not rt.distributed or cfg.trainer.strategy != "ddp":
+            raise SystemExit("error: --ddp-levers and --weak-scaling time DDP on 2 or more ranks with "
+                             "trainer.strategy=ddp")
+        alone = ddp_setup.Runtime(0, 0, 1, rt.device, None)  # rank 0 as one plain process
+        runs = []
+        for label, setting, why in levers(rt, cfg, args.weak_scaling):
+            variant, _, _ = config.load([*overrides, *(setting if isinstance(setting, list) else [])])
+            trainer = (build(variant, data, alone) if rt.is_main else None) if setting == "alone" \
+                else build(variant, data, rt)
+            if setting == "no-op":
+                trainer.ddp_model.register_comm_hook(None, no_all_reduce)
+            runs.append({"label": label, "why": why, "trainer": trainer, "group": alone if setting == "alone" else rt,
+                         "seconds": []})
+        steps = args.iters // args.windows
+        for window in range(-1, args.windows):  # window -1: the warm-up, untimed
+            for r in runs:
+                n, first = (args.warmup, 0) if window < 0 else (steps, args.warmup + window * steps)
+                if r["trainer"] is not None and n > 0:
+                    seconds = timed_window(r["trainer"], r["group"], first, n)
+                    if window >= 0:
+                        r["seconds"].append(seconds)
+                synchronize(rt)  # rank 0 alone: the others wait here for it
+        if rt.is_main:
+            rows = [{"label": r["label"], "why": r["why"], "tokens_per_step": r["trainer"].tokens_per_step,
+                     **speed(r["trainer"], r["seconds"], steps)} for r in runs]
+            for row in rows:  # scaling efficiency: against N x what rank 0 does alone, in the same turns
+                n = 1 if row is rows[0] else rt.world_size
+                for key in ("tokens_per_s", "tokens_per_s_median"):
+                    row[key.replace("tokens_per_s", "efficiency")] = round(row[key] / (n * rows[0][key]), 3)
+            print(RESULT_PREFIX + json.dumps({
+                "config": Path(config_path).name, "overrides": list(overrides), "device": rt.device.type,
+                "backend": rt.backend, "world_size": rt.world_size,
+                "threads_per_rank": torch.get_num_threads() if rt.device.type == "cpu" else None,
+                "params": runs[1]["trainer"].raw_model.num_params(), "levers": rows}), flush=True)
+        time.sleep(0.1)  # let Gloo's thread finish first: a teardown meanwhile can deadlock (see main.py)
     finally:
         ddp_setup.stop(rt)
 
@@ -179,10 +295,10 @@ def synchronize(rt):
         dist.barrier()
 
 
-def launch(nproc: int, threads, args, overrides, torchrun: bool = False) -> dict:
+def launch(nproc: int, threads, args, overrides, torchrun: bool = False, mode: tuple = ()) -> dict:
     """Start the measurement as a child: a plain process for 1 rank (unless torchrun), torchrun for more."""
     script = str(Path(__file__).resolve())
-    worker_args = ["--worker", "--iters", str(args.iters), "--warmup", str(args.warmup),
+    worker_args = ["--worker", *mode, "--iters", str(args.iters), "--warmup", str(args.warmup),
                    "--windows", str(args.windows), *overrides]
     if nproc == 1 and not torchrun:
         cmd = [sys.executable, script, *worker_args]
@@ -192,18 +308,20 @@ def launch(nproc: int, threads, args, overrides, torchrun: bool = False) -> dict
     env = dict(os.environ)
     if threads is not None:
         env["OMP_NUM_THREADS"] = str(threads)
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    results = [json.loads(line[len(RESULT_PREFIX):]) for line in proc.stdout.splitlines()
+    done = proc.run(cmd, env=env, timeout=args.timeout)
+    if done.timed_out:
+        raise SystemExit(f"error: the {nproc}-rank benchmark took more than --timeout {args.timeout:g} s; stopped")
+    results = [json.loads(line[len(RESULT_PREFIX):]) for line in done.stdout.splitlines()
                if line.startswith(RESULT_PREFIX)]
     # A PyTorch bug (README, troubleshooting) can abort a Gloo process at exit after it has printed its result.
-    aborted_at_exit = "terminate called without an active exception" in proc.stderr
-    if proc.returncode != 0 and results and aborted_at_exit:
+    aborted_at_exit = "terminate called without an active exception" in done.stderr
+    if done.returncode != 0 and results and aborted_at_exit:
         print(f"(the {nproc}-rank run aborted at exit after reporting, a PyTorch bug at exit; its result stands)")
-    elif proc.returncode != 0 or not results:
-        errors = [line for line in proc.stderr.splitlines() if "error" in line.lower()] or proc.stderr.splitlines()
-        raise SystemExit(f"error: the {nproc}-rank benchmark failed (exit {proc.returncode}): "
+    elif done.returncode != 0 or not results:
+        errors = [line for line in done.stderr.splitlines() if "error" in line.lower()] or done.stderr.splitlines()
+        raise SystemExit(f"error: the {nproc}-rank benchmark failed (exit {done.returncode}): "
                          f"{errors[-1] if errors else 'no output'}")
-    for line in proc.stdout.splitlines():
+    for line in done.stdout.splitlines():
         if line.startswith("["):
             print(line, flush=True)
     if args.log_file:
@@ -213,7 +331,7 @@ def launch(nproc: int, threads, args, overrides, torchrun: bool = False) -> dict
 
 
 def memory_table(args, overrides):
-    """DDP and FSDP on each world size of --memory, one torchrun each; a table of rank 0's bytes."""
+    """The ZeRO ladder on each world size of --memory, one torchrun each; a table of rank 0's bytes."""
     # glibc keeps large freed blocks for reuse unless told otherwise, and the resident set counts them as if
     # still in use: FSDP gathers and frees a block's weights again and again, so its peak would show the
     # high-water mark of glibc's cache. A fixed threshold makes every block of 128 KiB or more its own
@@ -221,35 +339,45 @@ def memory_table(args, overrides):
     os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", str(128 * 1024))
     rows = []
     for nproc in args.memory:
-        for strategy in ("ddp", "fsdp"):
-            r = launch(nproc, args.threads, args, [*overrides, f"trainer.strategy={strategy}"], torchrun=True)
-            rows.append((strategy, nproc, r["per_rank"][0]))
-    print(f"rank 0 of each run; peak memory: {rows[0][2]['peak_kind']}")
-    print("| strategy | ranks | parameters | gradients | AdamW state | peak memory | before the model |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
-    for strategy, nproc, m in rows:
-        print(f"| {strategy} | {nproc} | {mb(m['param_bytes'])} | {mb(m['grad_bytes'])} | "
-              f"{mb(m['optimizer_bytes'])} | {mb(m['peak_bytes'])} | {mb(m['base_bytes'])} |")
+        for name, setting in LADDER:
+            r = launch(nproc, args.threads, args, [*overrides, *setting], torchrun=True)
+            rows.append((name, nproc, r["per_rank"][0]))
+    print(f"rank 0 of each run; peak memory: {rows[0][2]['peak_kind']}; sent: bytes of one step's collectives "
+          "with ring algorithms")
+    print("| strategy | ranks | parameters | gradients | AdamW state | peak memory | above the start | sent per step |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    for name, nproc, m in rows:
+        print(f"| {name} | {nproc} | {mb(m['param_bytes'])} | {mb(m['grad_bytes'])} | {mb(m['optimizer_bytes'])} | "
+              f"{mb(m['peak_bytes'])} | {mb(m['peak_bytes'] - m['base_bytes'])} | {mb(m['sent_bytes'])} |")
+
+
+def levers_table(args, overrides):
+    """--ddp-levers, or --weak-scaling (its first two rows): one torchrun, a table, the result as JSON."""
+    nproc = args.nproc if args.nproc > 1 else 2
+    threads = args.threads or 1
+    mode = ("--ddp-levers", *(["--weak-scaling"] if args.weak_scaling else []))
+    r = launch(nproc, threads, args, overrides, torchrun=True, mode=mode)
+    print(f"{'weak scaling' if args.weak_scaling else 'DDP levers'} | {r['config']} ({r['params'] / 1e6:.2f}M parameters) | {r['device']}, {r['backend']} | "
+          f"{nproc} ranks x {threads} thread(s) | windows in turn: every row saw the same load")
+    print(f"| setting | tokens/s, best window | median | scaling efficiency, best (median) | why |")
+    print("| --- | --- | --- | --- | --- |")
+    for row in r["levers"]:
+        print(f"| {row['label']} | {row['tokens_per_s']:,.0f} | {row['tokens_per_s_median']:,.0f} | "
+              f"{row['efficiency']:.2f} ({row['efficiency_median']:.2f}) | {row['why']} |")
+    print(RESULT_PREFIX + json.dumps(r), flush=True)
+    return r
 
 
 def main():
     args, overrides = parse_args()
     if args.worker or "WORLD_SIZE" in os.environ:  # under torchrun, or started by launch()
-        measure(args, overrides)
+        (measure_levers if args.ddp_levers else measure)(args, overrides)
         return
     if args.memory:
         memory_table(args, overrides)
         return
-    if args.weak_scaling:
-        if args.nproc < 2:
-            raise SystemExit("error: --weak-scaling needs --nproc 2 or more")
-        threads = args.threads or 1
-        one = launch(1, threads, args, overrides)
-        many = launch(args.nproc, threads, args, overrides)
-        efficiency = many["tokens_per_s"] / (args.nproc * one["tokens_per_s"])
-        print(f"weak scaling | {one['device']} | {threads} thread(s) per rank | 1 rank {one['tokens_per_s']:,.0f} tok/s"
-              f" | {args.nproc} ranks {many['tokens_per_s']:,.0f} tok/s | efficiency {efficiency:.2f}", flush=True)
-        print(RESULT_PREFIX + json.dumps({"one_rank": one, "n_ranks": many, "efficiency": round(efficiency, 3)}))
+    if args.ddp_levers or args.weak_scaling:
+        levers_table(args, overrides)
         return
     launch(args.nproc, args.threads, args, overrides)
 
