@@ -38,6 +38,11 @@ def pick_device(gpu_index: int, processes_per_node: int, cpu: bool = False):
     return torch.device(accelerator.type, gpu_index), BACKENDS[accelerator.type]
 
 
+def threads_per_process(wanted, processes_here: int) -> int:
+    """--threads, else this node's usable cores shared out among its processes (at least 1)."""
+    return wanted or max(1, USABLE_CORES // processes_here)
+
+
 def ddp_setup(device: torch.device, backend: str, timeout: timedelta):
     if device.type != "cpu":
         torch.accelerator.set_device_index(device.index)  # each process drives its own GPU
@@ -168,7 +173,7 @@ def main(args):
     device, backend = pick_device(local_rank, processes_here, args.cpu)
     ddp_setup(device, backend, timedelta(minutes=args.timeout_min))
     if device.type == "cpu":  # wins over OMP_NUM_THREADS (torchrun's default: 1 per process)
-        torch.set_num_threads(args.threads or max(1, USABLE_CORES // processes_here))
+        torch.set_num_threads(threads_per_process(args.threads, processes_here))
     rank, world_size = dist.get_rank(), dist.get_world_size()
     torch.manual_seed(args.seed)  # the same initial weights on every run
     print(f"[{device} rank {rank}] device {device.type} | backend {backend}"

@@ -87,15 +87,18 @@ def max_difference(a: dict, b: dict) -> float:
     return max((a[k].double() - b[k].double()).abs().max().item() for k in a)
 
 
-def readme_command(line: str, observe=(), extra=()) -> list:
+def readme_command(line: str, observe=(), extra=(), torchrun_options=()) -> list:
     """A command line the README shows, as a test runs it: `python` and `torchrun` from this
     virtualenv, scripts by their path, tools/faults.py in front of the step with the tests'
-    observations (e.g. --dump-ranks DIR), and extra arguments for the step at the end."""
+    observations (e.g. --dump-ranks DIR), extra arguments for the step at the end, and
+    torchrun_options (e.g. --max-restarts 1) after torchrun's own."""
     words = shlex.split(line)
     launcher = {"python": [sys.executable],
                 "torchrun": [sys.executable, "-m", "torch.distributed.run"]}[words[0]]
     step = next(i for i, w in enumerate(words) if w.endswith(".py") and w != "tools/faults.py")
     options = words[1:step]  # torchrun's, and tools/faults.py with its faults if the README has it
+    at = options.index("tools/faults.py") if "tools/faults.py" in options else len(options)
+    options[at:at] = [str(o) for o in torchrun_options]
     if "tools/faults.py" not in options:
         options.append("tools/faults.py")
     after_faults = options.index("tools/faults.py") + 1
