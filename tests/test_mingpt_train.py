@@ -24,6 +24,7 @@ or more, a missing all-reduce by about 100 %.
 """
 import json
 import shutil
+import sys
 
 import pytest
 import torch
@@ -277,3 +278,18 @@ def test_nodes_with_the_same_snapshot_resume_together(two, tmp_path):
         assert proc.returncode == 0 or aborted_only_at_exit(proc), (name, proc.stderr[-3000:])
     stdout = "".join(proc.stdout for proc in results.values())
     assert "resuming from node.pt at step 10" in stdout and "Finished training: steps 10-12" in stdout
+
+
+def test_bench_times_the_ddp_levers_side_by_side(tmp_path):
+    """bench.py --ddp-levers: one process group, one model per setting, their windows in turn (what the README's
+    table comes from). A smoke test: every row ran and has a speed; no speed is asserted (a shared machine)."""
+    log = tmp_path / "levers.jsonl"
+    proc = run([sys.executable, REPO / "minGPT-ddp" / "bench.py", "--ddp-levers", "--iters", "4", "--warmup", "1",
+                "--windows", "1", "--log_file", log, *COMMON], cwd=tmp_path)
+    rows = json.loads(log.read_text())["levers"]
+    labels = [row["label"] for row in rows]
+    assert labels[0] == "1 rank alone, no DDP" and labels[-1] == "no all-reduce (a no-op hook)"
+    assert {"strategy=handmade", "comm_hook=fp16", "static_graph=true", "gradient_as_bucket_view=false"} < set(labels)
+    assert all(row["tokens_per_s"] > 0 and row["efficiency"] > 0 for row in rows)
+    assert rows[1]["tokens_per_step"] == 2 * rows[0]["tokens_per_step"]  # 2 ranks, each the batch of one
+    assert "| strategy=handmade |" in proc.stdout
