@@ -33,12 +33,13 @@ def restart_safe_store(backend: str, timeout: timedelta) -> dict:
 
     torchrun's key-value store (at MASTER_ADDR:MASTER_PORT) outlives a restart, and
     init_process_group writes each rank's address under the same keys every time: a restarted
-    process can read an address a dead one left and fail with "Connection refused"
-    (pytorch/pytorch#135712). tools/restart_check.py measured it on torch 2.13: with plain
-    env://, restarted attempts failed on one node and hung on two; with a prefix per attempt,
-    30 restarts of 30 met on one node and on two. Each rank counts its own starts in the store
-    (torchrun's TORCHELASTIC_RESTART_COUNT grows only on the node whose process failed); all
-    ranks restart together, so their counts agree.
+    process can read an address a dead one left and fail ("Gloo connectFullMesh failed ...
+    Connection refused", pytorch/pytorch#135712). Measured on torch 2.13 with
+    tools/restart_check.py, 30 planned restarts: with plain env://, 5 of 7 attempts failed on
+    one node and 13 of 23 on two, until the job gave up; with a prefix per attempt, 31 of 31
+    met, on one node and on two. Each rank counts its own starts in the store (torchrun's
+    TORCHELASTIC_RESTART_COUNT grows only on the node whose process failed); all ranks restart
+    together, so their counts agree.
     """
     store, rank, world_size = next(dist.rendezvous("env://", timeout=timeout))
     store = dist.PrefixStore(f"attempt_{store.add(f'starts_of_rank_{rank}', 1)}", store)
