@@ -8,6 +8,7 @@ Every command runs through tools/proc.py: in a session of its own, and past its 
 ended with its whole session and every descendant (torchrun's workers run in sessions of their own).
 """
 import importlib.util
+import json
 import os
 import re
 import socket
@@ -283,3 +284,88 @@ def mingpt():
 @pytest.fixture
 def repo() -> Path:
     return REPO
+
+
+# ---- Notebooks ----------------------------------------------------------------------------------------------
+# Each notebook runs once per session, in quick mode, and every test that reads its outputs shares that run:
+# test_notebooks checks that it runs and draws, test_ddp_errors asserts on notebook 07's runs of ddp_errors.py.
+NOTEBOOK_DIR = REPO / "notebooks"
+CELL_TIMEOUT = 300  # s; the slowest cell starts a few torchrun runs
+# First cell of the executed copy: record the smallest text size in every figure the notebook shows (the
+# inline backend draws each through print_figure), so that the test can check it. Last cell: print them.
+FONT_PROBE = """\
+import matplotlib.backend_bases, matplotlib.text
+_TEST_FONT_SIZES, _print_figure = [], matplotlib.backend_bases.FigureCanvasBase.print_figure
+def _measure_then_print(canvas, *args, **kwargs):
+    texts = [t for t in canvas.figure.findobj(matplotlib.text.Text) if t.get_visible() and t.get_text().strip()]
+    _TEST_FONT_SIZES.append(min((t.get_fontsize() for t in texts), default=None))
+    return _print_figure(canvas, *args, **kwargs)
+matplotlib.backend_bases.FigureCanvasBase.print_figure = _measure_then_print
+"""
+FONT_REPORT = "import json; print('smallest text per figure (pt):', json.dumps(_TEST_FONT_SIZES))"
+
+
+@pytest.fixture(scope="session")
+def executed_notebook(tmp_path_factory):
+    """name -> SimpleNamespace(nb, seconds, font_sizes, left_behind): runs notebooks/NAME once per session.
+
+    A copy runs in a temporary directory (the committed file, with its outputs, is never rewritten) with
+    NB_QUICK=1, on a kernel that runs this very interpreter, CPU only. A failing cell fails every test that
+    asks for the notebook, with the cell and its traceback."""
+    nbformat = pytest.importorskip("nbformat")
+    nbclient = pytest.importorskip("nbclient")
+    from jupyter_client.kernelspec import KernelSpecManager
+    from jupyter_client.manager import KernelManager
+    from execute_notebooks import write_kernel_spec  # tools/: the kernel spec that tools/ runs notebooks with
+
+    kernels = tmp_path_factory.mktemp("kernels")
+    write_kernel_spec(kernels, "ddp-steps-test")
+    # The kernel's environment: where the repository is (the copy lives elsewhere), quick mode, no GPU, no
+    # MPLBACKEND (a CI's "Agg" would stop the kernel from drawing figures inline, as Jupyter does), and no
+    # __pycache__ written into notebooks/.
+    env = {k: v for k, v in os.environ.items() if k != "MPLBACKEND"}
+    env.update(DDP_STEPS_REPO=str(REPO), NB_QUICK="1", CUDA_VISIBLE_DEVICES="", PYTHONDONTWRITEBYTECODE="1")
+    done = {}
+
+    def execute(name):
+        if name not in done:
+            folder = tmp_path_factory.mktemp(Path(name).stem)
+            copy = folder / name
+            nb = nbformat.read(NOTEBOOK_DIR / name, as_version=4)
+            for cell in nb.cells:  # start from nothing: the committed outputs must not count
+                if cell.cell_type == "code":
+                    cell.outputs = []
+            nb.cells = [nbformat.v4.new_code_cell(FONT_PROBE), *nb.cells, nbformat.v4.new_code_cell(FONT_REPORT)]
+            before = sorted(p.name for p in NOTEBOOK_DIR.iterdir())
+            km = KernelManager(kernel_name="ddp-steps-test",
+                               kernel_spec_manager=KernelSpecManager(kernel_dirs=[str(kernels)]))
+            client = nbclient.NotebookClient(nb, km=km, kernel_name="ddp-steps-test", timeout=CELL_TIMEOUT,
+                                             resources={"metadata": {"path": str(folder)}})
+            start = time.perf_counter()
+            try:
+                client.execute(cleanup_kc=True, env=env)  # cleanup_kc: shut the kernel down afterwards
+                error = None
+            except Exception as e:  # CellExecutionError: the cell and its traceback
+                error = f"{name} failed:\n{e}"
+            finally:
+                nbformat.write(nb, copy)  # what ran, for a look after a failure (pytest keeps it)
+            seconds = time.perf_counter() - start
+            nb.cells = nb.cells[1:]  # the probe
+            report = nb.cells.pop()
+            sizes = json.loads(stream_text(report).split(":", 1)[1]) if report.get("outputs") else []
+            for text in (t for cell in nb.cells for o in cell.get("outputs", []) for t in [o.get("text", "")]):
+                if "the PyTorch/Gloo exit bug" in text:  # nbutils.run's note: count it with the suite's
+                    note("exit aborts", f"in {name}: {text.strip().splitlines()[0]}")
+            # (a new notebook is not the run's doing: someone saved one meanwhile, in a shared checkout)
+            left = sorted(set(p.name for p in NOTEBOOK_DIR.iterdir() if p.suffix != ".ipynb") - set(before))
+            done[name] = SimpleNamespace(nb=nb, seconds=seconds, font_sizes=sizes, left_behind=left, error=error)
+        if done[name].error:
+            pytest.fail(done[name].error, pytrace=False)
+        return done[name]
+
+    return execute
+
+
+def stream_text(cell) -> str:
+    """What a code cell printed (stdout and stderr streams), as one text."""
+    return "".join(o.get("text", "") for o in cell.get("outputs", []) if o.get("output_type") == "stream")

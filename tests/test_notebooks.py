@@ -1,48 +1,31 @@
-"""Every notebook in notebooks/ runs top to bottom, without an error, and draws at least one figure; the
-committed copies carry their figures at projector resolution and nothing of the machine that ran them.
+"""Every notebook in notebooks/ runs top to bottom in quick mode (NB_QUICK=1: fewer epochs and steps) without
+an error, and the asserts in its cells hold: each notebook checks the findings it prints. Its figures are at
+least 110 dpi with text of at least 11 points. The committed copies carry their figures at that resolution
+and nothing of the machine that ran them.
 
-Each test executes a copy of the notebook in a temporary directory (the committed file, with its
-outputs, is never rewritten) on a kernel that runs this very interpreter, so it works on a fresh
-clone once `make test` has made .venv. The notebooks' subprocesses see no GPU here (CPU only, Gloo).
+The notebooks run through conftest's executed_notebook fixture: once per session, shared with
+test_ddp_errors (which reads notebook 07's runs). Their subprocesses see no GPU here (CPU only, Gloo).
 """
 import base64
 import io
 import json
 import os
 import re
-import shutil
 import socket
 import struct
-import sys
 import tempfile
-import time
 from pathlib import Path
 
 import pytest
 
-from conftest import REPO
+from conftest import NOTEBOOK_DIR, REPO
 
 nbformat = pytest.importorskip("nbformat")
-nbclient = pytest.importorskip("nbclient")
-from jupyter_client.kernelspec import KernelSpecManager  # noqa: E402  (comes with nbclient)
-from jupyter_client.manager import KernelManager  # noqa: E402
+pytest.importorskip("nbclient")
 
-sys.path.insert(0, str(REPO / "tools"))
-from execute_notebooks import write_kernel_spec  # noqa: E402  (the kernel that tools/ runs notebooks with)
-
-NOTEBOOK_DIR = REPO / "notebooks"
 NOTEBOOKS = sorted(NOTEBOOK_DIR.glob("*.ipynb"))
-KERNEL = "ddp-steps-test"
-CELL_TIMEOUT = 300  # s; the slowest cell starts a few torchrun runs
-
-
-@pytest.fixture(scope="module")
-def kernel_dir(tmp_path_factory):
-    """A kernel spec that starts `sys.executable -m ipykernel_launcher`: the venv running the tests,
-    whatever kernels (or none) are installed for the user or the system."""
-    root = tmp_path_factory.mktemp("kernels")
-    write_kernel_spec(root, KERNEL)
-    return root
+MIN_DPI = 110  # nbutils.setup_plots: readable on a projector
+MIN_FONT_PT = 11  # likewise
 
 
 def test_there_are_notebooks():
@@ -50,39 +33,19 @@ def test_there_are_notebooks():
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
-def test_notebook_runs_and_draws(path, tmp_path, kernel_dir, monkeypatch):
-    copy = tmp_path / path.name
-    shutil.copy(path, copy)
-    nb = nbformat.read(copy, as_version=4)
-    for cell in nb.cells:  # start from nothing: the committed outputs must not count
-        if cell.cell_type == "code":
-            cell.outputs = []
-    # The kernel inherits this environment: where the repository is (the copy lives elsewhere), no GPU,
-    # and no MPLBACKEND (a CI's "Agg" would stop the kernel from drawing figures inline, as Jupyter does).
-    monkeypatch.setenv("DDP_STEPS_REPO", str(REPO))
-    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
-    monkeypatch.delenv("MPLBACKEND", raising=False)
-    monkeypatch.setenv("PYTHONDONTWRITEBYTECODE", "1")  # no __pycache__ in notebooks/
-    before = sorted(p.name for p in NOTEBOOK_DIR.iterdir())
-    km = KernelManager(kernel_name=KERNEL, kernel_spec_manager=KernelSpecManager(kernel_dirs=[str(kernel_dir)]))
-    client = nbclient.NotebookClient(nb, km=km, kernel_name=KERNEL, timeout=CELL_TIMEOUT,
-                                     resources={"metadata": {"path": str(tmp_path)}})
-    start = time.perf_counter()
-    try:
-        # Raises CellExecutionError, with the cell and its traceback, if a cell fails. cleanup_kc: shut the
-        # kernel down afterwards although we made its manager (its atexit then removes its scratch files).
-        client.execute(cleanup_kc=True)
-    finally:
-        nbformat.write(nb, copy)  # what ran, for a look after a failure (pytest keeps tmp_path)
-    seconds = time.perf_counter() - start
-
-    outputs = [o for cell in nb.cells if cell.cell_type == "code" for o in cell.outputs]
-    assert not [o for o in outputs if o.output_type == "error"]
-    figures = [o for o in outputs if "image/png" in o.get("data", {})]
+def test_notebook_runs_and_draws(path, executed_notebook):
+    run = executed_notebook(path.name)  # a failing cell or assert fails here, with its traceback
+    outputs = [o for cell in run.nb.cells if cell.cell_type == "code" for o in cell.outputs]
+    figures = [base64.b64decode(o["data"]["image/png"]) for o in outputs if "image/png" in o.get("data", {})]
     assert figures, f"{path.name} drew no figure"
+    low = [dpi for dpi in map(png_dpi, figures) if dpi is None or dpi < MIN_DPI - 0.5]
+    assert not low, f"{path.name}: figures at {low} dpi, below {MIN_DPI}"
+    assert len(run.font_sizes) == len(figures), (run.font_sizes, len(figures))  # the probe saw every figure
+    small = [size for size in run.font_sizes if size is not None and size < MIN_FONT_PT]
+    assert not small, f"{path.name}: text of {small} pt in its figures, below {MIN_FONT_PT} pt"
     # Running it left nothing behind in the repository's notebooks/ folder (scratch goes to a temp dir).
-    assert sorted(p.name for p in NOTEBOOK_DIR.iterdir()) == before
-    print(f"{path.name}: {seconds:.1f} s, {len(figures)} figure(s)")
+    assert not run.left_behind
+    print(f"{path.name}: {run.seconds:.1f} s, {len(figures)} figure(s)")
 
 
 # What must never be in a committed output: paths of the machine that ran it (the repository, the home
@@ -91,7 +54,6 @@ HOME = str(Path.home())
 LOCAL = ["/work/", "/tmp/", tempfile.gettempdir().rstrip("/") + "/", "/root/", "site-packages", str(REPO),
          *([HOME] if HOME not in ("/", "") else [])]
 HOSTNAME = re.compile(rf"\b{re.escape(socket.gethostname())}\b")
-MIN_DPI = 110  # nbutils.setup_plots: readable on a projector
 
 
 def output_texts(nb):
