@@ -16,13 +16,18 @@ PY            := $(VENV)/bin/python
 TORCH_VERSION ?= 2.13.0
 TORCH_INDEX   ?=
 
-.PHONY: tour test gpu-check install clean
+.PHONY: tour test gpu-check install clean mutants
 
 tour: $(VENV)/.installed
 	$(PY) tools/tour.py
 
 test: $(VENV)/.installed
 	$(PY) -m pytest
+
+# Plant each lesson's one-line bug in a scratch copy and run the tests that claim to catch it (a few
+# minutes; not part of make test): tools/mutants.py, its table in tests/README.md.
+mutants: $(VENV)/.installed
+	$(PY) tools/mutants.py
 
 gpu-check: $(VENV)/.installed
 	$(PY) tools/gpu_check.py
