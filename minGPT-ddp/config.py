@@ -80,7 +80,7 @@ def load(args: list):
 
 
 def parse(args: list):
-    """load() without validate(): every value of the right type, not yet checked against its range."""
+    """load() without validate(): every value of the right type, not yet checked for its range."""
     config_path, overrides = split_args(args)
     config_path = Path(config_path) if config_path else default_config_path()
     try:
@@ -114,9 +114,10 @@ def parse(args: list):
 def rules(cfg: Config) -> tuple:
     """(key, test of its value, the allowed range in words) for every rule, in the order they run.
 
-    A rule may rely on the keys checked above it (n_head >= 1 before n_embd % n_head). Without them a
-    bad value trains nonsense: model.block_size=0 gives NaN losses and exits 0, trainer.beta2=1.5 makes
-    AdamW diverge. (tests/test_mingpt_config.py has a case for every rule: a new one needs its own.)
+    A rule may rely on the keys checked above it (n_head >= 1 before n_embd % n_head). Without
+    them a bad value trains nonsense: model.block_size=0 gives NaN losses and exits 0,
+    trainer.beta2=1.5 makes AdamW diverge. (tests/test_mingpt_config.py has a case for every rule:
+    a new rule needs its own.)
     """
     m, t = cfg.model, cfg.trainer
     return (
@@ -154,7 +155,8 @@ def rules(cfg: Config) -> tuple:
         ("trainer.reshard_after_forward", lambda v: v or t.strategy == "fsdp",
          "true unless trainer.strategy=fsdp (an FSDP setting)"),
         ("trainer.bucket_cap_mb", lambda v: v > 0, "positive"),
-        ("trainer.comm_hook", lambda v: v in trainer.COMM_HOOKS, f"one of {', '.join(trainer.COMM_HOOKS)}"),
+        ("trainer.comm_hook", lambda v: v in trainer.COMM_HOOKS,
+         f"one of {', '.join(trainer.COMM_HOOKS)}"),
         ("trainer.comm_hook", lambda v: v == "none" or t.strategy in ("ddp", "zero1"),
          "none unless trainer.strategy is ddp or zero1 (a hook of torch's DDP)"),
         ("trainer.timeout_minutes", lambda v: v > 0, "positive"),

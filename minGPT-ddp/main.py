@@ -129,9 +129,11 @@ def main(args: list):
         tcfg, mcfg = cfg.trainer, cfg.model
         rt.print(f"model {trainer.raw_model.num_params() / 1e6:.2f}M parameters | {mcfg.n_layer} layers, "
                  f"{mcfg.n_head} heads, {mcfg.n_embd} embd, block {mcfg.block_size}, dropout {mcfg.dropout} | "
-                 f"strategy {strategy_name(tcfg)} | dtype {str(trainer.dtype).removeprefix('torch.')} | "
+                 f"strategy {strategy_name(tcfg)} | "
+                 f"dtype {str(trainer.dtype).removeprefix('torch.')} | "
                  f"compile {'on' if tcfg.compile else 'off'}")
-        rt.print(f"global batch {tcfg.batch_size} seqs x {mcfg.block_size} tokens x {trainer.accum_steps} "
+        rt.print(f"global batch {tcfg.batch_size} seqs x {mcfg.block_size} tokens x "
+                 f"{trainer.accum_steps} "
                  f"micro-steps x {rt.world_size} ranks = {trainer.tokens_per_step:,} tokens/step | "
                  f"lr {trainer.max_lr:.2e} (x{trainer.lr_scale:.3g}, lr_scaling {tcfg.lr_scaling}) | "
                  f"AdamW {trainer.optimizer_kind} | MFU peak {trainer.peak_flops / 1e9:,.0f} GFLOP/s per rank "
@@ -152,7 +154,8 @@ def main(args: list):
 
 def strategy_name(tcfg) -> str:
     if tcfg.strategy == "fsdp":
-        return "fsdp (ZeRO-3)" if tcfg.reshard_after_forward else "fsdp (ZeRO-2: reshard_after_forward false)"
+        return ("fsdp (ZeRO-3)" if tcfg.reshard_after_forward
+                else "fsdp (ZeRO-2: reshard_after_forward false)")
     return tcfg.strategy
 
 

@@ -123,9 +123,10 @@ class GPT(nn.Module):
         logits = self.lm_head(self.final_norm(x))
         if targets is None:
             return logits, None
-        # The loss in float32 even when the weights compute in bf16/fp16 (FSDP's mixed precision has no
-        # autocast to do it): a bf16 loss is rounded to 3 significant digits, and in fp16 the gradient
-        # scaler's 65536 times the loss's gradient overflows on the way back. Under autocast it is free.
+        # The loss in float32 even when the weights compute in bf16/fp16 (FSDP's mixed precision
+        # has no autocast to do it): a bf16 loss is rounded to 3 significant digits, and in fp16
+        # the gradient scaler's 65536 x the loss's gradient overflows on the way back. Under
+        # autocast it costs nothing.
         loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))
         return logits, loss
 

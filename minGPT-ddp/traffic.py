@@ -1,13 +1,14 @@
 """What a training step sends to the other ranks: every collective it starts, seen as it starts.
 
-DDP's C++ reducer, FSDP, ZeroRedundancyOptimizer and our own code all start collectives through the
-same PyTorch operators (c10d::allreduce_, c10d::_allgather_base_, ...). A TorchDispatchMode sees every
-operator this thread dispatches, so it sees them all, whatever the strategy or the backend.
+DDP's C++ reducer, FSDP, ZeroRedundancyOptimizer and our own code all start collectives through
+the same PyTorch operators (c10d::allreduce_, c10d::_allgather_base_, ...). A TorchDispatchMode
+sees every operator this thread dispatches, so it sees them all, whatever the strategy or the
+backend.
 
-Bytes are those each rank sends with ring algorithms (what NCCL does for large buffers), for N ranks
-and a buffer of B bytes: all-reduce 2(N-1)/N x B, all-gather and reduce-scatter (N-1)/N x B of the
-whole buffer, broadcast about (N-1)/N x B per rank (a pipelined ring). Gloo on the CPU may move
-more (it runs a reduce-scatter as an all-reduce): this is what the strategy asks for.
+Bytes are those each rank sends with ring algorithms (what NCCL does for large buffers), for N
+ranks and a buffer of B bytes: all-reduce 2(N-1)/N x B, all-gather and reduce-scatter (N-1)/N x B
+of the whole buffer, broadcast about (N-1)/N x B per rank (a pipelined ring). Gloo on the CPU may
+move more (it runs a reduce-scatter as an all-reduce): this is what the strategy asks for.
 """
 from collections import Counter
 
@@ -30,7 +31,8 @@ COLLECTIVES = {
 
 
 class CollectiveCounter(TorchDispatchMode):
-    """with CollectiveCounter(world_size) as seen: ...  then seen.counts (Counter of names), seen.bytes_sent."""
+    """with CollectiveCounter(world_size) as seen: ...
+    then seen.counts (a Counter of collective names) and seen.bytes_sent (per rank)."""
 
     def __init__(self, world_size: int):
         super().__init__()
@@ -45,16 +47,11 @@ class CollectiveCounter(TorchDispatchMode):
             n = self.world_size
             given = sum(t.numel() * t.element_size() for t in tree_flatten((args, kwargs))[0]
                         if isinstance(t, torch.Tensor))
-            # An all-gather is given its output (the whole buffer) and this rank's piece, 1/N of it; a
-            # reduce-scatter the same the other way round: the whole is N/(N+1) of the bytes it is given.
+            # An all-gather is given its output (the whole buffer) and this rank's piece, 1/N of
+            # it; a reduce-scatter the same the other way round: the whole is N/(N+1) of the
+            # bytes it is given.
             whole = given * n / (n + 1) if name in ("all_gather", "reduce_scatter") else given
             self.counts[name] += 1
             self.bytes_sent += factor(n) * whole
         return func(*args, **kwargs)
 
-
-def one_step(trainer, it: int) -> CollectiveCounter:
-    """Run optimizer step `it` of `trainer` and return what it sent (counts by collective, bytes per rank)."""
-    with CollectiveCounter(trainer.rt.world_size) as seen:
-        trainer.train_step(it)
-    return seen

@@ -32,6 +32,7 @@ from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.optim import ZeroRedundancyOptimizer
 from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.profiler import record_function
 from tqdm import tqdm
 
 import ddp_setup
@@ -46,16 +47,17 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 LR_SCALINGS = ("none", "sqrt", "linear")
 RESUME_CHOICES = ("false", "true", "auto")
 STRATEGIES = ("ddp", "handmade", "zero1", "fsdp")
-COMM_HOOKS = {"none": None, "fp16": default_hooks.fp16_compress_hook, "bf16": default_hooks.bf16_compress_hook}
+COMM_HOOKS = {"none": None, "fp16": default_hooks.fp16_compress_hook,
+              "bf16": default_hooks.bf16_compress_hook}
 
 
 @dataclass
 class TrainerConfig:
     max_iters: int = 5000  # optimizer steps; the same however many ranks run (see README)
     batch_size: int = 64  # sequences per rank per micro-step
-    grad_accum_steps: int = 1  # micro-steps per optimizer step (of each rank; see fixed_global_batch)
-    # true: grad_accum_steps counts the micro-batches of all ranks together, each of N ranks runs 1/N of
-    # them: a step sees the same tokens on any number of ranks (nanoGPT's train_gpt2 does this).
+    grad_accum_steps: int = 1  # micro-steps per optimizer step, of each rank (see below)
+    # true: grad_accum_steps counts the micro-batches of all ranks together, each of N ranks runs
+    # 1/N of them: a step sees the same tokens on any number of ranks (as nanoGPT's train_gpt2).
     fixed_global_batch: bool = False
     learning_rate: float = 6e-4
     min_lr: Optional[float] = None  # where the cosine ends; None: learning_rate / 10
@@ -78,14 +80,15 @@ class TrainerConfig:
     seed: int = 1337
     peak_flops: Optional[float] = None  # FLOP/s of one device for MFU; None: data sheet or measured
     strategy: str = "ddp"  # ddp | handmade | zero1 | fsdp: see this file's docstring
-    reshard_after_forward: bool = True  # fsdp: true ZeRO-3, false ZeRO-2 (weights whole until backward)
-    # DDP's levers (ddp, zero1; bucket_cap_mb also handmade). README, "Making DDP fast", has them measured.
-    bucket_cap_mb: float = 25.0  # gradients per all-reduce: one starts as soon as its bucket is full
-    gradient_as_bucket_view: bool = True  # .grad lives in DDP's buckets: no copy in or out, less memory
+    reshard_after_forward: bool = True  # fsdp: true ZeRO-3, false ZeRO-2 (whole until backward)
+    # DDP's levers (ddp, zero1; bucket_cap_mb also handmade), measured in the README's "Making DDP
+    # fast".
+    bucket_cap_mb: float = 25.0  # gradients per all-reduce: each starts once its bucket is full
+    gradient_as_bucket_view: bool = True  # .grad lives in DDP's buckets: no copy in or out
     static_graph: bool = False  # true: DDP may assume every step uses the same parameters
     comm_hook: str = "none"  # none | fp16 | bf16: send gradients compressed (changes the result)
     timeout_minutes: float = 10.0  # how long a collective waits for the other ranks before it fails
-    deterministic: bool = False  # true: deterministic kernels only, so a resumed GPU run can end bit-identical
+    deterministic: bool = False  # true: deterministic kernels: a resumed GPU run ends bit-identical
 
 
 def config_error(message: str) -> SystemExit:
@@ -98,16 +101,19 @@ def config_error(message: str) -> SystemExit:
 def check_setup(cfg: TrainerConfig, rt: ddp_setup.Runtime):
     """What is wrong with this world size or this machine. Every rank decides alike, and stops at once."""
     if cfg.strategy in ("zero1", "fsdp") and not rt.distributed:
-        raise config_error(f"trainer.strategy={cfg.strategy} shards over processes: start it with torchrun "
-                           "(torchrun --standalone --nproc-per-node 2 minGPT-ddp/main.py ...)")
+        raise config_error(f"trainer.strategy={cfg.strategy} shards over processes: start it with "
+                           "torchrun (torchrun --standalone --nproc-per-node 2 minGPT-ddp/main.py "
+                           "...)")
     if cfg.fixed_global_batch and cfg.grad_accum_steps % rt.world_size:
         raise config_error(f"trainer.fixed_global_batch=true shares trainer.grad_accum_steps="
-                           f"{cfg.grad_accum_steps} micro-batches among the ranks: {rt.world_size} ranks "
-                           "cannot share them evenly; make trainer.grad_accum_steps a multiple of "
-                           f"{rt.world_size} (and trainer.batch_size smaller, for the same global batch)")
+                           f"{cfg.grad_accum_steps} micro-batches among the ranks: {rt.world_size} "
+                           "ranks cannot share them evenly; make trainer.grad_accum_steps a "
+                           f"multiple of {rt.world_size} (and trainer.batch_size smaller, for the "
+                           "same global batch)")
     if cfg.comm_hook == "bf16" and rt.backend not in ("nccl", "xccl"):
-        raise config_error(f"trainer.comm_hook=bf16 needs NCCL or XCCL (PyTorch's bf16_compress_hook), "
-                           f"not {rt.backend or 'one process'}; use trainer.comm_hook=fp16")
+        raise config_error(f"trainer.comm_hook=bf16 needs NCCL or XCCL (PyTorch's "
+                           f"bf16_compress_hook), not {rt.backend or 'one process'}; use "
+                           "trainer.comm_hook=fp16")
     if cfg.strategy == "fsdp" and cfg.eval_iters % rt.world_size:
         # Every forward gathers weights from all ranks, so all ranks must run the same number of them.
         raise config_error(f"trainer.strategy=fsdp needs the same number of validation batches on every rank: "
@@ -136,11 +142,11 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 
 
 def use_deterministic_kernels():
-    """Same inputs, same bits: a run killed and resumed on GPUs can then end bit-identical to one never
-    stopped. Many GPU kernels (some cuBLAS matmuls, atomic-add reductions, attention backward) may sum in
-    another order from one call to the next; PyTorch then picks deterministic ones, a little slower, or
-    raises where there is none. cuBLAS needs a fixed workspace for it, set before its first matmul.
-    (On the CPU, and between ranks, the sums are already in a fixed order.)"""
+    """Same inputs, same bits: a run killed and resumed on GPUs can then end bit-identical to one
+    never stopped. Many GPU kernels (some cuBLAS matmuls, atomic-add reductions, attention backward)
+    may add in another order from one call to the next; PyTorch then picks deterministic ones, a
+    little slower, or raises where there is none. cuBLAS needs a fixed workspace for it, set before
+    its first matmul. (On the CPU, and between ranks, the sums are already in a fixed order.)"""
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.use_deterministic_algorithms(True)
     torch.backends.cudnn.benchmark = False
@@ -150,20 +156,23 @@ def micro_steps_per_rank(cfg: TrainerConfig, world_size: int) -> int:
     return cfg.grad_accum_steps // world_size if cfg.fixed_global_batch else cfg.grad_accum_steps
 
 
-def shard(model: GPT, rt: ddp_setup.Runtime, dtype: torch.dtype, reshard_after_forward: bool) -> GPT:
+def shard(model: GPT, rt: ddp_setup.Runtime, dtype: torch.dtype,
+          reshard_after_forward: bool) -> GPT:
     """FSDP2: each block, then the rest (embeddings, final norm, head), becomes one unit whose weights
     are split in N pieces, one per rank. A unit's forward and backward all-gather its weights first and
     free them after; its gradients are reduce-scattered, so each rank keeps (and steps) 1/N of them.
     Mixed precision: compute with bf16/fp16 copies of the weights, keep and reduce in float32.
-    reshard_after_forward=False keeps each block's gathered weights from its forward until its backward
-    (ZeRO-2: one gather per block instead of two, whole weights held meanwhile)."""
+    reshard_after_forward=False keeps each block's gathered weights from its forward until its
+    backward (ZeRO-2: one gather per block instead of two, whole weights held meanwhile)."""
     low_precision = dtype if dtype != torch.float32 else None
     policy = MixedPrecisionPolicy(param_dtype=low_precision, reduce_dtype=torch.float32)
     mesh = init_device_mesh(rt.device.type, (rt.world_size,))  # the shards go to this rank's device
     for block in model.blocks:
-        fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
-    # In place: model is now an FSDP module. Its own unit (embeddings, final norm, head) keeps its weights
-    # from forward until backward either way: FSDP's default for the root, whose weights backward needs first.
+        fully_shard(block, mesh=mesh, mp_policy=policy,
+                    reshard_after_forward=reshard_after_forward)
+    # In place: model is now an FSDP module. Its own unit (embeddings, final norm, head) keeps its
+    # weights from forward until backward either way: FSDP's default for the root, whose weights
+    # backward needs first.
     fully_shard(model, mesh=mesh, mp_policy=policy)
     return model
 
@@ -176,7 +185,8 @@ def make_optimizer(model: GPT, cfg: TrainerConfig, lr: float):
         try:
             if cfg.strategy == "zero1":
                 # Each rank keeps the AdamW state of, and steps, about 1/N of the parameters, then
-                # broadcasts them (parameters_as_bucket_view: one broadcast per rank, not per tensor).
+                # broadcasts them (parameters_as_bucket_view: one broadcast per rank, not one per
+                # tensor).
                 return (ZeroRedundancyOptimizer(groups, optimizer_class=torch.optim.AdamW,
                                                 parameters_as_bucket_view=True, **settings),
                         "fused, sharded" if fused else "foreach, sharded")
@@ -189,32 +199,34 @@ def make_optimizer(model: GPT, cfg: TrainerConfig, lr: float):
 def wrap_ddp(model: torch.nn.Module, rt: ddp_setup.Runtime, cfg: TrainerConfig) -> DDP:
     """torch's DDP with the levers of the config (README, "Making DDP fast")."""
     ddp_model = DDP(model, device_ids=[rt.device.index] if rt.device.type != "cpu" else None,
-                    bucket_cap_mb=cfg.bucket_cap_mb, gradient_as_bucket_view=cfg.gradient_as_bucket_view,
-                    static_graph=cfg.static_graph)
+                    bucket_cap_mb=cfg.bucket_cap_mb, static_graph=cfg.static_graph,
+                    gradient_as_bucket_view=cfg.gradient_as_bucket_view)
     if COMM_HOOKS[cfg.comm_hook] is not None:  # each bucket cast to 16 bits, all-reduced, cast back
         ddp_model.register_comm_hook(None, COMM_HOOKS[cfg.comm_hook])
     return ddp_model
 
 
 def parameter_names(model: GPT, param_groups: list) -> list:
-    """The names of the parameters in param_groups, in the order PyTorch's optimizers number them."""
+    """The names of the parameters in param_groups, in the order optimizers number them."""
     name_of = {p: name for name, p in model.named_parameters()}
     return [name_of[p] for group in param_groups for p in group["params"]]
 
 
 def zero1_state_by_name(model: GPT, zero: ZeroRedundancyOptimizer) -> dict:
-    """The consolidated state (rank 0, after consolidate_state_dict) as the snapshots hold AdamW's state under
-    every strategy: under the parameters' names, as torch.distributed.checkpoint writes it for DDP and FSDP."""
+    """The consolidated state (rank 0, after consolidate_state_dict) as the snapshots hold AdamW's
+    state under every strategy: under the parameters' names, as torch.distributed.checkpoint writes
+    it for DDP and FSDP."""
     state = zero.state_dict()  # PyTorch's format: parameters numbered in the order of param_groups
     names = parameter_names(model, zero.param_groups)
     return {"state": {names[i]: value for i, value in state["state"].items()},
             # zero's own groups name only the settings it was given: AdamW's defaults complete them
-            "param_groups": [{**zero.optim.defaults, **group, "params": [names[i] for i in group["params"]]}
+            "param_groups": [{**zero.optim.defaults, **group,
+                              "params": [names[i] for i in group["params"]]}
                              for group in state["param_groups"]]}
 
 
 def zero1_state_by_index(model: GPT, zero: ZeroRedundancyOptimizer, by_name: dict) -> dict:
-    """The other way: a snapshot's AdamW state (written under any strategy) for zero.load_state_dict."""
+    """The other way: a snapshot's AdamW state (any strategy's) for zero.load_state_dict."""
     index = {name: i for i, name in enumerate(parameter_names(model, zero.param_groups))}
     return {"state": {index[name]: value for name, value in by_name["state"].items()},
             "param_groups": [{**group, "params": [index[name] for name in group["params"]]}
@@ -262,16 +274,17 @@ class Trainer:
         if resume_from is not None:
             self._restore(resume_from)
 
-        # torch.compile inside, DDP outside (README, "compile and DDP"): DDP's hooks stay out of the
-        # compiled graph and split it at bucket boundaries (DDPOptimizer), so each bucket's all-reduce
-        # still starts during backward; eval uses the compiled model without DDP; the saved weights come
-        # from raw_model, so no "_orig_mod." or "module." prefixes.
+        # torch.compile inside, DDP outside (README, "compile and DDP"): Dynamo's DDPOptimizer still
+        # cuts the compiled graph at DDP's bucket boundaries, so each bucket's all-reduce starts
+        # during backward; eval uses the compiled model without DDP; the saved weights come from
+        # raw_model, so no "_orig_mod." or "module." prefixes.
         self.model = torch.compile(self.raw_model) if tcfg.compile else self.raw_model
         self.ddp_model = (wrap_ddp(self.model, rt, tcfg)
                           if rt.distributed and tcfg.strategy in ("ddp", "zero1") else None)
         self.handmade = (handmade.HandmadeDDP(self.raw_model, tcfg.bucket_cap_mb, rt.world_size)
                          if rt.distributed and tcfg.strategy == "handmade" else None)
-        self.tokens_per_step = tcfg.batch_size * model.cfg.block_size * self.accum_steps * rt.world_size
+        self.tokens_per_step = (tcfg.batch_size * model.cfg.block_size * self.accum_steps
+                                * rt.world_size)
         self.flops_per_step = self.raw_model.flops_per_token() * self.tokens_per_step
         self.peak_flops, self.peak_source = mfu.peak_flops(rt.device, self.dtype, tcfg.peak_flops)
         self.progress = None
@@ -316,18 +329,22 @@ class Trainer:
         train_model = self.ddp_model or self.model
         loss_sum = torch.zeros((), device=rt.device)
         for micro_step in range(self.accum_steps):
-            x, y = self.data.train_batch(it, tcfg.seed, tcfg.batch_size, micro_step, self.accum_steps,
-                                         rt.rank, rt.world_size)
+            x, y = self.data.train_batch(it, tcfg.seed, tcfg.batch_size, micro_step,
+                                         self.accum_steps, rt.rank, rt.world_size)
             with self.gradient_sync(enabled=micro_step == self.accum_steps - 1):
-                with self.autocast:
+                # (record_function: names on the profiler's timeline, notebook 08)
+                with self.autocast, record_function("forward"):
                     _, loss = train_model(x, y)
                 loss = loss / self.accum_steps  # so the accumulated gradient is a mean
-                self.scaler.scale(loss).backward()
+                with record_function("backward"):
+                    self.scaler.scale(loss).backward()
             loss_sum += loss.detach()
         if self.handmade is not None:
-            self.handmade.finish_gradient_sync()  # wait for the all-reduces, take the means
+            with record_function("wait for the all-reduces"):
+                self.handmade.finish_gradient_sync()  # and take the means
         return loss_sum
 
+    @record_function("optimizer step")
     def optimizer_step(self):
         tcfg = self.tcfg
         if tcfg.grad_clip > 0:
@@ -368,13 +385,17 @@ class Trainer:
         model_state = get_model_state_dict(self.raw_model, options=options)
         if self.zero1:
             self.optimizer.consolidate_state_dict(to=0)  # every rank sends its part to rank 0
-            return model_state, zero1_state_by_name(self.raw_model, self.optimizer) if self.rt.is_main else {}
-        return model_state, get_optimizer_state_dict(self.raw_model, self.optimizer, options=options)
+            if not self.rt.is_main:
+                return model_state, {}
+            return model_state, zero1_state_by_name(self.raw_model, self.optimizer)
+        optimizer_state = get_optimizer_state_dict(self.raw_model, self.optimizer, options=options)
+        return model_state, optimizer_state
 
     def local_optimizer_state(self) -> list:
-        """The AdamW state tensors this rank holds (under zero1 its own part, under FSDP its shards)."""
+        """The AdamW state tensors this rank holds (zero1: its own part; FSDP: its shards)."""
         optimizer = self.optimizer.optim if self.zero1 else self.optimizer
-        return [v for state in optimizer.state.values() for v in state.values() if torch.is_tensor(v)]
+        return [v for state in optimizer.state.values() for v in state.values()
+                if torch.is_tensor(v)]
 
     def save_snapshot(self):
         """Every rank calls it; rank 0 alone writes, so there is one snapshot and one resume point."""
@@ -397,13 +418,15 @@ class Trainer:
                    else StateDictOptions())
         set_model_state_dict(self.raw_model, state.get("model", {}), options=options)
         if self.zero1:
-            # ZeroRedundancyOptimizer.load_state_dict takes the whole state on every rank and keeps its
-            # part: the simple way, at the price of a whole copy per rank for a moment.
+            # ZeroRedundancyOptimizer.load_state_dict takes the whole state on every rank and keeps
+            # its part: the simple way, at the price of a whole copy per rank for a moment.
             whole = [state.get("optimizer")]
             torch.distributed.broadcast_object_list(whole, src=0)
-            self.optimizer.load_state_dict(zero1_state_by_index(self.raw_model, self.optimizer, whole[0]))
+            by_index = zero1_state_by_index(self.raw_model, self.optimizer, whole[0])
+            self.optimizer.load_state_dict(by_index)
         else:
-            set_optimizer_state_dict(self.raw_model, self.optimizer, state.get("optimizer", {}), options=options)
+            set_optimizer_state_dict(self.raw_model, self.optimizer, state.get("optimizer", {}),
+                                     options=options)
         self.scaler.load_state_dict(state["scaler"])
         self.step = state["step"]
         self.elapsed_s = state.get("elapsed_s", 0.0)

@@ -2,7 +2,8 @@
 
 Without these checks a bad value trains nonsense instead of failing: model.block_size=0 gives
 NaN losses and exits 0, trainer.beta2=1.5 makes AdamW diverge. The checks run in this process
-(fast, one case per rule); a run of main.py as a learner starts it shows there is no traceback either.
+(fast, one case per rule); a run of main.py as a learner starts it shows there is no traceback
+either.
 """
 import sys
 
@@ -12,7 +13,8 @@ from conftest import REPO, run
 
 CPU_CFG = "config=" + str(REPO / "minGPT-ddp" / "cpu_cfg.yaml")
 
-BAD_SETTINGS = [  # override, what the one line must say (one case at least for every rule: see below)
+# override, what the one line must say (at least one case for every rule: see below)
+BAD_SETTINGS = [
     ("model.n_layer=0", "model.n_layer=0: must be at least 1"),
     ("model.n_head=0", "model.n_head=0: must be at least 1"),
     ("model.n_embd=0", "model.n_embd=0: must be at least 1"),
@@ -42,11 +44,13 @@ BAD_SETTINGS = [  # override, what the one line must say (one case at least for 
     ("trainer.dtype=float8", "trainer.dtype=float8: must be one of auto, float32, bfloat16, float16"),
     ("trainer.strategy=zero3", "trainer.strategy=zero3: must be one of ddp, handmade, zero1, fsdp"),
     ("trainer.reshard_after_forward=false",
-     "trainer.reshard_after_forward=False: must be true unless trainer.strategy=fsdp (an FSDP setting)"),
+     "trainer.reshard_after_forward=False: must be true unless trainer.strategy=fsdp "
+     "(an FSDP setting)"),
     ("trainer.bucket_cap_mb=0", "trainer.bucket_cap_mb=0.0: must be positive"),
     ("trainer.comm_hook=int8", "trainer.comm_hook=int8: must be one of none, fp16, bf16"),
     ("trainer.comm_hook=fp16 trainer.strategy=fsdp",
-     "trainer.comm_hook=fp16: must be none unless trainer.strategy is ddp or zero1 (a hook of torch's DDP)"),
+     "trainer.comm_hook=fp16: must be none unless trainer.strategy is ddp or zero1 "
+     "(a hook of torch's DDP)"),
     ("trainer.resume=maybe", "trainer.resume=maybe: must be one of false, true, auto"),
     ("trainer.resume=true trainer.snapshot_path=null",
      "trainer.resume=True: must be false without a trainer.snapshot_path"),
@@ -70,8 +74,8 @@ def test_bad_setting_is_one_line_and_exit_code_2(mingpt, capsys, override, messa
 
 
 def test_every_rule_has_a_case(mingpt):
-    """A rule added to config.rules without a case above fails here (and a case that no longer breaks the
-    rule it was written for, too): each case must break exactly one rule, the first it reaches."""
+    """A rule added to config.rules without a case above fails here. Each case counts for the first
+    rule it breaks (the one whose message the test above checks)."""
     cfg, _, _ = mingpt.config.parse([CPU_CFG])
     assert mingpt.config.first_broken_rule(cfg) is None
     covered = {}
@@ -99,11 +103,13 @@ def test_main_stops_before_training_without_a_traceback(tmp_path):
     (["--prompt", ""], "error: --prompt is empty; give at least one character"),
 ])
 def test_sample_flags_out_of_range(mingpt, monkeypatch, capsys, tmp_path, flags, message):
-    """Checked before the snapshot is read: no snapshot is needed to see the error. In this process
-    (sample.main reads sys.argv); the run of main.py above shows a real process prints no traceback."""
+    """Checked before the snapshot is read: no snapshot is needed to see the error. In this
+    process (sample.main reads sys.argv); the run of main.py above shows that a real process
+    prints no traceback."""
     import sample
     try:
-        monkeypatch.setattr(sys, "argv", ["sample.py", "--snapshot", str(tmp_path / "none.pt"), *flags])
+        monkeypatch.setattr(sys, "argv",
+                            ["sample.py", "--snapshot", str(tmp_path / "none.pt"), *flags])
         with pytest.raises(SystemExit) as stop:
             sample.main()
     finally:

@@ -40,10 +40,11 @@ def test_gradient_of_a_prediction_reaches_only_past_tokens(mingpt):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_loss_is_float32_when_the_weights_compute_in_half_precision(mingpt, dtype):
-    """FSDP's MixedPrecisionPolicy runs the whole forward with bf16/fp16 weights and no autocast. A loss in
-    that dtype is rounded (bf16 keeps 3 significant digits: 0.0156 apart near 3), and in fp16 the gradient
-    scaler's first scale, 65536, times the loss is past fp16's largest number (65504): every first step
-    would overflow and be skipped. So the loss is computed in float32, and its gradient stays finite."""
+    """FSDP's MixedPrecisionPolicy runs the whole forward with bf16/fp16 weights and no autocast.
+    A loss in that dtype is rounded (bf16 keeps 3 significant digits: 0.0156 apart near 3), and in
+    fp16 the gradient scaler's first scale, 65536, times the loss is past fp16's largest number
+    (65504): every first step would overflow and be skipped. So the loss is computed in float32,
+    and its gradient stays finite."""
     model = tiny_gpt(mingpt).train().to(dtype)
     tokens = torch.randint(50, (2, 16), generator=torch.Generator().manual_seed(3))
     logits, loss = model(tokens, tokens.roll(-1, dims=1))

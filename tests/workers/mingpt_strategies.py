@@ -1,15 +1,18 @@
-"""Train minGPT-ddp several times in one process group, each run as main.py trains (main.snapshot_to_resume,
-main.build_trainer, Trainer.fit). Comparing strategies takes many short runs, and starting torchrun for each
-costs seconds here. A run with the word `alone` among its overrides trains in rank 0 alone, as one plain
-process without a process group does (the other ranks wait).
+"""Train minGPT-ddp several times in one process group, each run as main.py trains
+(main.snapshot_to_resume, main.build_trainer, Trainer.fit). Comparing strategies takes many short
+runs, and starting torchrun for each costs seconds here. A run with the word `alone` among its
+overrides trains in rank 0 alone, as one plain process without a process group does (the other
+ranks wait).
 
     torchrun --standalone --nproc-per-node 2 tests/workers/mingpt_strategies.py OUT_DIR \
-        ddp:trainer.strategy=ddp,trainer.grad_accum_steps=2  zero1:trainer.strategy=zero1  ...  -- KEY=VALUE ...
+        ddp:trainer.strategy=ddp,trainer.grad_accum_steps=2  zero1:trainer.strategy=zero1 \
+        ...  -- KEY=VALUE ...
 
-A run is NAME:OVERRIDES (comma-separated, after the common ones after --). resume_from=OTHER@STEP among them
-resumes from the snapshot run OTHER wrote at step STEP (every snapshot is kept as OUT_DIR/NAME.pt.step<N>).
-Run NAME writes OUT_DIR/NAME.pt (its last snapshot), OUT_DIR/NAME.jsonl (its log) and OUT_DIR/NAME.json:
-  collectives  what optimizer step COUNTED_STEP sent (tests/../minGPT-ddp/traffic.py): counts, bytes per rank
+A run is NAME:OVERRIDES (comma-separated, after the common ones after --). resume_from=OTHER@STEP
+among them resumes from the snapshot run OTHER wrote at step STEP (every snapshot is kept as
+OUT_DIR/NAME.pt.step<N>). Run NAME writes OUT_DIR/NAME.pt (its last snapshot), OUT_DIR/NAME.jsonl
+(its log) and OUT_DIR/NAME.json:
+  collectives  what optimizer step COUNTED_STEP sent (minGPT-ddp/traffic.py): counts, bytes per rank
   ranks        per rank: a hash of the weights it holds, the bytes of its AdamW state
   scale        the gradient scaler's scale at the end (float16)
 """
@@ -32,7 +35,7 @@ import trainer  # noqa: E402
 from char_dataset import CharData  # noqa: E402
 from mingpt_faults import keep_snapshots  # noqa: E402
 
-COUNTED_STEP = 2  # a step past the first (which builds buckets, lazy state) and not an evaluation point
+COUNTED_STEP = 2  # past the first step (which builds buckets, lazy state), not an evaluation
 
 
 def count_collectives(seen: dict):
@@ -60,7 +63,8 @@ def train(rt, out_dir: Path, name: str, overrides: list, common: list, seen: dic
     if "alone" in overrides:  # rank 0 as one plain process; the others wait for it
         if rt.is_main:
             alone = ddp_setup.Runtime(0, 0, 1, rt.device, None)
-            train(alone, out_dir, name, [o for o in overrides if o != "alone"], common, seen, corpora)
+            rest = [o for o in overrides if o != "alone"]
+            train(alone, out_dir, name, rest, common, seen, corpora)
         if rt.distributed:
             torch.distributed.barrier()
         return
@@ -69,7 +73,8 @@ def train(rt, out_dir: Path, name: str, overrides: list, common: list, seen: dic
     if resume_from and rt.is_main:  # the snapshot another run kept, where this run resumes it
         other, step = resume_from[0].split("@")
         shutil.copy(out_dir / f"{other}.pt.step{step}", out_dir / f"{name}.pt")
-    cfg, _, _ = config.load([*common, *settings, f"trainer.snapshot_path={out_dir / (name + '.pt')}",
+    cfg, _, _ = config.load([*common, *settings,
+                             f"trainer.snapshot_path={out_dir / (name + '.pt')}",
                              f"trainer.log_file={out_dir / (name + '.jsonl')}",
                              *(["trainer.resume=true"] if resume_from else [])])
     key = (cfg.data.path, cfg.data.train_fraction, cfg.model.block_size)
@@ -78,7 +83,8 @@ def train(rt, out_dir: Path, name: str, overrides: list, common: list, seen: dic
     run = main.build_trainer(cfg, data, rt, main.snapshot_to_resume(cfg, data, rt))
     seen.clear()
     run.fit()
-    mine = {"weights": None if run.fsdp else weights_hash(run.raw_model),  # FSDP: each rank its own shards
+    # (under FSDP each rank holds its own shards: no hash to compare)
+    mine = {"weights": None if run.fsdp else weights_hash(run.raw_model),
             "optimizer_bytes": bench.local_bytes(run.local_optimizer_state())}
     ranks = [json.loads(r) for r in ddp_setup.gather_strings(rt, json.dumps(mine))]
     if rt.is_main:
