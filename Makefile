@@ -5,16 +5,18 @@
 #   make gpu-check   every step on the GPU(s), the CUDA-only tests and minGPT-ddp's benchmark, in one table
 # All create a virtualenv in .venv and install what they need the first time.
 #
-# PyTorch comes from pip's index. From PyPI, Linux gets the CUDA build (about 2.7 GB with its nvidia-* wheels);
-# macOS and Windows get a CPU build (about 200 MB). On Linux without an NVIDIA GPU, take PyTorch's CPU build
-# (about 190 MB) from PyTorch's own index instead:
-#   make tour TORCH_INDEX=https://download.pytorch.org/whl/cpu
+# PyTorch: from PyPI, Linux gets the CUDA build (about 2.7 GB with its nvidia-* wheels), macOS and
+# Windows a CPU build (about 200 MB). On Linux without an NVIDIA GPU (no nvidia-smi), the default is
+# PyTorch's CPU build (about 190 MB) from PyTorch's own index; TORCH_INDEX= (empty) takes PyPI's,
+# TORCH_INDEX=URL another index. pip tries an index it cannot reach once more, then goes on with its
+# other configured indexes (a mirror): about 15 s, not minutes (--retries 1 --timeout 10).
 
 PYTHON        ?= python3
 VENV          ?= .venv
 PY            := $(VENV)/bin/python
 TORCH_VERSION ?= 2.13.0
-TORCH_INDEX   ?=
+CPU_ONLY_LINUX := $(if $(filter Linux,$(shell uname -s 2>/dev/null)),$(if $(shell command -v nvidia-smi 2>/dev/null),,yes))
+TORCH_INDEX   ?= $(if $(CPU_ONLY_LINUX),https://download.pytorch.org/whl/cpu)
 
 .PHONY: tour test gpu-check install clean mutants
 
@@ -38,7 +40,8 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
 	@# The release the course is tested with first (requirements.txt's range would take the newest); a failed
 	@# install stops here with pip's message.
-	$(PY) -m pip install -q $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) "torch==$(TORCH_VERSION)"
+	$(PY) -m pip install -q --retries 1 --timeout 10 $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) \
+		"torch==$(TORCH_VERSION)"
 	$(PY) -m pip install -q -r requirements-dev.txt
 	touch $@
 
