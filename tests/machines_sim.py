@@ -13,6 +13,7 @@ one-GPU notebook) runs once: its runs serve both, each judged against what its o
 import dataclasses
 import os
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -35,21 +36,31 @@ class Simulation:
         folders = {}
         for step in steps:
             folders.setdefault(step.folder, []).append(step)
+        new = {(folder, tuple(s.argv for s in group)): group for folder, group in folders.items()}
+        new = {key: group for key, group in new.items() if key not in self.folders}
+        # Two folders at a time: their commands are independent, and one often waits (a process
+        # starting, a rendezvous, a checkpoint) while the other computes.
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            started = {key: pool.submit(self.run_folder, len(self.folders) + i, group)
+                       for i, (key, group) in enumerate(new.items())}
+            self.folders.update({key: future.result() for key, future in started.items()})
         done = {}
         for folder, group in folders.items():
-            key = (folder, tuple(step.argv for step in group))
-            if key not in self.folders:
-                root = self.root / f"{len(self.folders):02d}"
-                self.folders[key] = [plan.execute(step, root, self.env()) for step in group]
-            done.update(zip(group, self.folders[key]))
+            done.update(zip(group, self.folders[(folder, tuple(s.argv for s in group))]))
         # the run of an identical command, judged by what this machine's plan expects from it
         return [dataclasses.replace(done[step], step=step) for step in steps]
+
+    def run_folder(self, number: int, steps: list) -> list:
+        root = self.root / f"{number:02d}"
+        return [plan.execute(step, root, self.env()) for step in steps]
 
     @staticmethod
     def env() -> dict:
         # MASTER_PORT: mp.spawn's rank 0 listens there (steps 02, 04): a free one, as elsewhere.
+        # OMP_NUM_THREADS=1: a single process would spin a thread per core, taking the other
+        # folder's core (the multi-process steps use one thread each anyway).
         return {**os.environ, **plan.CPU_SWITCH, "MASTER_PORT": str(free_port()),
-                "TORCHINDUCTOR_CACHE_DIR": str(INDUCTOR_CACHE)}
+                "OMP_NUM_THREADS": "1", "TORCHINDUCTOR_CACHE_DIR": str(INDUCTOR_CACHE)}
 
 
 @pytest.fixture(scope="session")

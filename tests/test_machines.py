@@ -73,7 +73,7 @@ def test_the_tour_planned_for_the_machine_runs_here(simulated, name):
 @pytest.mark.parametrize("name", WITH_GPU_CHECK)
 def test_gpu_check_planned_for_the_machine_runs_here(simulated, name):
     runs = simulated.runs(name, "gpu-check")
-    assert [r.step.key for r in runs] == ["tests", "fsdp", "resume", "bench"]
+    assert [r.step.key for r in runs] == ["06", "fsdp", "resume", "bench"]
     assert not failures(runs), failures(runs)
 
 
@@ -235,7 +235,58 @@ def test_mingpt_picks_there_what_the_plan_expects(fake, mingpt, monkeypatch, nam
     picked, picked_backend = ddp_setup.pick_device(0, bench.processes)
     assert (picked.type, picked_backend, bench.processes) == ("cuda", "nccl", m.gpus)
     assert trainer.resolve_dtype("auto", picked) == bench_dtype
-    assert f'"dtype": "{str(bench_dtype)[6:]}"' in bench.expect
+    assert ("dtype", str(bench_dtype).removeprefix("torch.")) in bench.record
+
+
+def config_arguments(argv) -> list:
+    """The KEY=VALUE arguments of a minGPT-ddp command (config= made absolute)."""
+    return [arg for arg in plan.resolve(argv)[1:] if "=" in arg and not arg.startswith("-")]
+
+
+@pytest.mark.parametrize("name", list(EXPECTED))
+def test_every_planned_argument_is_in_range_for_its_world_size(mingpt, monkeypatch, name):
+    """In this process, for every machine (8 H100s too): each minGPT-ddp command's config and
+    minGPT-ddp's own checks for that world size and device (a global batch the ranks share evenly,
+    FSDP's validation batches per rank, compile), and step 06's inf injected at a step that an
+    epoch has on that many GPUs (step 40 never came on 8 GPUs: 15 steps per epoch)."""
+    import ddp_setup
+    import trainer
+    from torch.utils.data import DataLoader, DistributedSampler
+    m = machine.EXAMPLES[name]
+    checked = 0
+    for step in plan.plan(m, "tour") + plan.plan(m, "gpu-check"):
+        n, argv = step.processes, step.argv
+        device = torch.device(machine.device_type(m, n), 0 if machine.uses_gpus(m, n) else None)
+        if any(arg.startswith("minGPT-ddp/") or "mingpt_faults" in arg for arg in argv) and \
+                "sample.py" not in " ".join(argv):
+            cfg, _, _ = mingpt.config.load(config_arguments(argv))
+            grouped = argv[0] == "torchrun" or n > 1  # bench.py --nproc 1: one plain process
+            rt = ddp_setup.Runtime(0, 0, n, device, machine.backend(m, n) if grouped else None)
+            trainer.check_setup(cfg.trainer, rt)
+            checked += 1
+        if "--inf-at-step" in argv:
+            for variable in ("WORLD_SIZE", "LOCAL_WORLD_SIZE", "RANK", "LOCAL_RANK"):
+                monkeypatch.setenv(variable, str(n if "WORLD" in variable else 0))
+            step06 = load_script("06_amp.py")
+            args = step06.parse_args(list(argv[argv.index("06_amp.py") + 1:]))
+            train_set = step06.load_train_objs(args)[0]
+            share = DistributedSampler(train_set, num_replicas=n, rank=0)
+            per_epoch = len(DataLoader(train_set, batch_size=args.batch_size, sampler=share))
+            assert int(argv[argv.index("--inf-at-step") + 1]) < per_epoch * args.max_epochs, name
+            checked += 1
+    assert checked == (1 if EXPECTED[name][-1] is None else 5)
+
+
+def test_every_bf16_question_asks_for_native_bf16():
+    """torch.cuda.is_bf16_supported() says True on a T4 or V100, which only emulate bf16 (slower than
+    fp32, and refused by step 06): every script and notebook must ask including_emulation=False
+    (notebook 04 did not, and ran bf16 on 2 T4s)."""
+    files = [*REPO.glob("0*_*.py"), *REPO.glob("minGPT-ddp/*.py"), *REPO.glob("tools/*.py"),
+             *REPO.glob("notebooks/*.py"), *REPO.glob("notebooks/*.ipynb")]
+    calls = [(path.name, call) for path in files
+             for call in re.findall(r"is_bf16_supported\(([^)]*)\)", path.read_text())]
+    assert len(calls) >= 3  # machine.py, step 06, notebook 04
+    assert [(name, call) for name, call in calls if call != "including_emulation=False"] == []
 
 
 # ---- gpu_check.py and tour.py --------------------------------------------------------------------

@@ -2,7 +2,7 @@
 
 `make tour` already runs every step on the GPUs (DDP over NCCL, step 06 in the GPU's mixed
 precision, minGPT-ddp with the 25M-parameter GPT). gpu-check adds, on all the GPUs of this machine:
-  tests   the tests that only run where CUDA is (pytest -k cuda);
+  06      step 06 in fp16: one rank's loss made inf at step 5, every rank skips the step;
   fsdp    minGPT-ddp under FSDP in float16 with GradScaler, deterministic kernels;
   resume  the same run, its last rank killed at step 30, restarted by torchrun, resumed from the
           snapshot: it must end with the same weights, AdamW state and scaler, bit for bit;
@@ -18,7 +18,6 @@ Paste the table into docs/MACHINES.md. Every run writes under runs/gpu-check/.
 CUDA hidden, with a tiny GPT: what the tests do, so that the rows cannot rot between GPU loans.
 """
 import argparse
-import json
 import os
 import shlex
 import shutil
@@ -33,9 +32,9 @@ REPO = plan.REPO
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(
-        description="The CUDA-only tests and minGPT-ddp's FSDP, resume and compiled benchmark rows "
-                    "on this machine's NVIDIA GPU(s), in one table.")
-    parser.add_argument("--only", default=None, help="comma-separated: tests,fsdp,resume,bench")
+        description="Step 06's GradScaler and minGPT-ddp's FSDP, resume and compiled benchmark "
+                    "rows on this machine's NVIDIA GPU(s), in one table.")
+    parser.add_argument("--only", default=None, help="comma-separated: 06,fsdp,resume,bench")
     parser.add_argument("--on-cpu", action="store_true",
                         help="run the rows on the CPU, CUDA hidden, with a tiny GPT (as the tests)")
     parser.add_argument("--machine", choices=list(machine.EXAMPLES), default=None,
@@ -50,18 +49,14 @@ def parse_args(argv=None):
 
 def detail(run: plan.Run, status: str) -> str:
     lines = run.output.splitlines()
-    if run.step.key == "bench":
-        for line in lines:
-            if line.startswith("BENCH_RESULT "):
-                r = json.loads(line.removeprefix("BENCH_RESULT "))
-                return (f"{r['tokens_per_s']:,.0f} tok/s | mfu {100 * r['mfu']:.1f}% of "
-                        f"{r['peak_flops_per_rank'] / 1e12:.1f} TFLOP/s per {r['device']} rank "
-                        f"({r['peak_source']}) | {r['dtype']} | "
-                        f"compile {'on' if r['compile'] else 'off'}")
-    if run.step.key == "tests":
-        counts = (" passed", " skipped", " failed")
-        return next((line.strip("= ") for line in reversed(lines)
-                     if any(count in line for count in counts)), "")
+    r = plan.last_record(run.folder / run.step.log_file) if run.step.key == "bench" else {}
+    if "tokens_per_s" in r:
+        return (f"{r['tokens_per_s']:,.0f} tok/s | mfu {100 * r['mfu']:.1f}% of "
+                f"{r['peak_flops_per_rank'] / 1e12:.1f} TFLOP/s per {r['device']} rank "
+                f"({r['peak_source']}) | {r['dtype']} | compile {'on' if r['compile'] else 'off'}")
+    skip = next((line for line in lines if "inf injected" in line), "")
+    if skip:
+        return skip.split("] ", 1)[-1][:90]
     if run.step.same_state and status == "ok":
         return f"{' and '.join(run.step.same_state)}: same step, weights, AdamW state and scaler"
     first = next((line for line in lines if " device " in line), "")

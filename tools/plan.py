@@ -1,9 +1,10 @@
 """What the tour and gpu-check run on a machine: one plan, decided from a description of it.
 
     plan(machine, "tour")       every step in order, small settings (tools/tour.py, `make tour`)
-    plan(machine, "gpu-check")  what the tour does not show on NVIDIA GPUs: the CUDA-only tests,
-                                minGPT-ddp under FSDP in float16, killed and resumed, and compiled
-                                in its best dtype, with tokens/s and MFU (tools/gpu_check.py)
+    plan(machine, "gpu-check")  what the tour does not show on NVIDIA GPUs: GradScaler skipping an
+                                overflow on every GPU, minGPT-ddp under FSDP in float16, killed and
+                                resumed, and compiled in its best dtype: tokens/s, MFU
+                                (tools/gpu_check.py)
 
 The machine is minGPT-ddp/machine.py's Machine: Machine.here() for this one, or a description
 written by hand (machine.EXAMPLES: a T4, an A100, 8 H100s, a Mac, ...). The tests compute each
@@ -15,6 +16,7 @@ only minGPT-ddp's model is shrunk (SIM_MODEL, appended), so that 8 processes fit
 A command is written as you would type it in the repository's root (`python`, `torchrun`,
 repository paths); resolve() makes it runnable from the step's own folder.
 """
+import json
 import re
 import sys
 import time
@@ -41,7 +43,7 @@ GPT2_CFG = "minGPT-ddp/gpt2_train_cfg.yaml"
 
 @dataclass(frozen=True)
 class Step:
-    key: str  # the row: "01".."06", "mingpt" (tour); "tests", "fsdp", "resume", "bench" (gpu-check)
+    key: str  # the row: "01".."06", "mingpt" (tour); "06", "fsdp", "resume", "bench" (gpu-check)
     title: str
     argv: tuple  # as typed in the repository's root
     folder: str  # where it runs, under the run's root; a folder's steps share its files, in order
@@ -49,6 +51,7 @@ class Step:
     expect: tuple = ()  # texts its output must contain, on the machine that runs it
     timeout_s: int = 300  # then it is ended with all its processes (tools/proc.py)
     log_file: Optional[str] = None  # the JSON-lines log it writes (the tour's final-loss column)
+    record: tuple = ()  # (key, value) pairs that the log's last record must hold
     same_state: Optional[tuple] = None  # two snapshots in its folder that must be equal after it
 
 
@@ -150,7 +153,8 @@ def tour(m: machine.Machine, d: machine.Machine, sim: tuple) -> list:
 
 def gpu_check(m: machine.Machine, d: machine.Machine, sim: tuple) -> list:
     """Nothing for a machine without NVIDIA GPUs. What the tour shows on GPUs (every step, DDP over
-    NCCL, step 06 in the GPU's AMP dtype, minGPT-ddp's 25M GPT) is not repeated."""
+    NCCL, step 06 in the GPU's AMP dtype, minGPT-ddp's 25M GPT) is not repeated. (No row for the
+    CUDA-only tests: the suite has none since its GradScaler test on CUDA became the "06" row.)"""
     g = m.gpus_with_backend
     if m.accelerator != "cuda" or g == 0:
         return []
@@ -158,17 +162,22 @@ def gpu_check(m: machine.Machine, d: machine.Machine, sim: tuple) -> list:
     # FSDP in float16 with GradScaler (every GPU has it), deterministic kernels so that a killed
     # and resumed run compare bit for bit; 4 validation batches per rank (FSDP needs equal shares).
     fsdp = ("config=" + GPT2_CFG, "trainer.strategy=fsdp", "trainer.dtype=float16",
-            "trainer.deterministic=true", "trainer.max_iters=60", "trainer.eval_interval=20",
+            "trainer.deterministic=true", "trainer.max_iters=40", "trainer.eval_interval=20",
             f"trainer.eval_iters={4 * g}", "trainer.log_interval=10")
     return [
-        Step("tests", "CUDA-only tests",
-             ("python", "-m", "pytest", "-q", "-k", "cuda", "-p", "no:cacheprovider", "tests/"),
-             "tests", 1, (" passed" if on_gpus else " skipped",)),  # on a CPU: skipped, not failed
+        # At optimizer step 5 of the first epoch (15 steps on 8 GPUs, 8 on 16), the last rank's loss
+        # becomes inf (tools/faults.py): every rank must skip that step and halve the scale.
+        Step("06", f"step 06, fp16 on {g} GPU(s): GradScaler skips an overflow",
+             (*torchrun(g), "tools/faults.py", "--inf-at-step", "5", "06_amp.py", "--dtype", "fp16",
+              "--max_epochs", "1", "--log_file", "06.jsonl"),
+             "06", g, (device_text(d, g), "precision fp16: autocast", "GradScaler on",
+                       "inf injected into rank", "weights changed: False",
+                       "GradScaler skipped the step")),
         Step("fsdp", f"minGPT-ddp, FSDP over {g} GPU(s), float16 + GradScaler",
              (*torchrun(g), "minGPT-ddp/main.py", *fsdp, "trainer.snapshot_path=fsdp.pt",
               "trainer.log_file=fsdp.jsonl", *sim),
              "mingpt", g, (device_text(d, g), "strategy fsdp", "dtype float16",
-                           "Finished training: steps 0-60")),
+                           "Finished training: steps 0-40")),
         # The same run, whose last rank raises at step 30 (tests/workers/mingpt_faults.py, from
         # outside the trainer); torchrun restarts every rank, and they resume from step 20.
         Step("resume", "the same, killed at step 30 and resumed: bit-identical",
@@ -176,15 +185,15 @@ def gpu_check(m: machine.Machine, d: machine.Machine, sim: tuple) -> list:
               "--crash-at-step", "30", *fsdp, "trainer.snapshot_path=resumed.pt",
               "trainer.log_file=resumed.jsonl", "trainer.resume=auto", *sim),
              "mingpt", g, ("simulated crash of rank", "resuming from resumed.pt at step 20",
-                           "Finished training: steps 20-60"),
+                           "Finished training: steps 20-40"),
              timeout_s=400, same_state=("fsdp.pt", "resumed.pt")),
         Step("bench", "minGPT-ddp, DDP, dtype auto, compiled: tokens/s, MFU",
              ("python", "minGPT-ddp/bench.py", "--nproc", str(g), "--iters", "40", "--warmup", "10",
-              "--windows", "4", "config=" + GPT2_CFG, "trainer.compile=true", *sim),
-             "bench", g, ("BENCH_RESULT", f'"device": "{machine.device_type(d, g)}"',
-                          f'"dtype": "{dtype_name(machine.amp_dtype(d, on_gpus))}"',
-                          '"compile": true'),
-             timeout_s=600),
+              "--windows", "4", "--log_file", "bench.jsonl", "config=" + GPT2_CFG,
+              "trainer.compile=true", *sim),
+             "bench", g, ("tok/s",), timeout_s=600, log_file="bench.jsonl",
+             record=(("device", machine.device_type(d, g)), ("world_size", g),
+                     ("dtype", dtype_name(machine.amp_dtype(d, on_gpus))), ("compile", True))),
     ]
 
 
@@ -263,7 +272,18 @@ def judge(run: Run) -> str:
         return f"FAILED (no '{missing[0].strip()}')"
     if step.same_state and not same_state(*(run.folder / name for name in step.same_state)):
         return f"FAILED ({' and '.join(step.same_state)} differ)"
+    last = last_record(run.folder / step.log_file) if step.record else {}
+    wrong = [f"{key} {last.get(key)!r}, not {value!r}" for key, value in step.record
+             if last.get(key) != value]
+    if wrong:
+        return f"FAILED ({step.log_file}: {wrong[0]})"
     return "ok" if run.returncode == 0 else "ok (exit abort)"
+
+
+def last_record(log: Path) -> dict:
+    """The last record of a JSON-lines log, or {} where there is none."""
+    lines = log.read_text().splitlines() if log.is_file() else []
+    return json.loads(lines[-1]) if lines else {}
 
 
 def same_state(a: Path, b: Path) -> bool:
