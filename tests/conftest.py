@@ -132,10 +132,33 @@ def aborted_only_at_exit(proc) -> bool:
     return by_torchrun or by_spawn
 
 
+def pytest_sessionstart(session):
+    SESSION_START.extend([time.perf_counter(), cpu_seconds()])
+
+
+def cpu_seconds() -> float:
+    """CPU time of this process and of every process it has waited for (all the runs, the kernels);
+    0 where there is no `resource` module (Windows)."""
+    try:
+        import resource
+    except ImportError:
+        return 0.0
+    return sum(sum(resource.getrusage(who)[:2]) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
+
+
+SESSION_START = []
+
+
 def pytest_terminal_summary(terminalreporter):
-    """The rate of tolerated exit aborts and port retries, visible in every run's summary."""
+    """The rate of tolerated exit aborts and port retries, visible in every run's summary; and how many
+    cores the session kept busy on average (CPU time / wall time: near the core count, running tests in
+    parallel cannot make the suite faster)."""
     aborts, retries = TOLERATED["exit aborts"], TOLERATED["port retries"]
     terminalreporter.section("tolerated")
+    wall, cpu = time.perf_counter() - SESSION_START[0], cpu_seconds() - SESSION_START[1]
+    terminalreporter.write_line(f"CPU time {cpu:.0f} s in {wall:.0f} s: {cpu / wall:.2f} of "
+                                f"{os.cpu_count()} cores busy on average (load average at the end: "
+                                f"{os.getloadavg()[0]:.1f})")
     terminalreporter.write_line(f"Gloo exit aborts accepted after a finished run: {len(aborts)} "
                                 f"(of {LAUNCHES[0]} commands started through conftest); "
                                 f"launches repeated after a port clash: {len(retries)}")

@@ -214,7 +214,8 @@ def main():
     logs.mkdir()
     everything = sorted({t for m in mutants for t in m["tests"]})
     code, seconds = pytest(root, everything, logs / "baseline.log")
-    print(f"baseline (unmutated, {len(everything)} tests): {verdict(code)} in {seconds:.0f} s", flush=True)
+    print(f"baseline (unmutated, {len(everything)} tests): {'passed' if code == 0 else verdict(code)} "
+          f"in {seconds:.0f} s", flush=True)
     if code != 0:
         print((logs / "baseline.log").read_text()[-6000:])
         raise SystemExit("the tests fail without any mutant: fix that first (nothing below would mean much)")
