@@ -7,6 +7,7 @@ torch.distributed is mocked.
 Every command runs through tools/proc.py: in a session of its own, and past its time limit it is
 ended with its whole session and every descendant (torchrun's workers run in sessions of their own).
 """
+
 import importlib.util
 import json
 import os
@@ -25,13 +26,23 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tools"))
-import proc as proc_tools  # noqa: E402  (tools/proc.py: the run that ends its whole session on timeout)
+import proc as proc_tools  # noqa: E402  (tools/proc.py: ends its whole session on timeout)
 
 # A minGPT-ddp small enough to train a few dozen steps in seconds on one core per rank.
-TINY_GPT = ["model.n_layer=2", "model.n_head=2", "model.n_embd=32", "model.block_size=32", "trainer.batch_size=8",
-            "trainer.eval_iters=4", "trainer.warmup_iters=5", "trainer.log_interval=5", "trainer.eval_interval=10"]
+TINY_GPT = [
+    "model.n_layer=2",
+    "model.n_head=2",
+    "model.n_embd=32",
+    "model.block_size=32",
+    "trainer.batch_size=8",
+    "trainer.eval_iters=4",
+    "trainer.warmup_iters=5",
+    "trainer.log_interval=5",
+    "trainer.eval_interval=10",
+]
 
-# What the terminal summary reports (pytest_terminal_summary below): how often the suite needed a tolerance.
+# What the terminal summary reports (pytest_terminal_summary below): how often the suite needed a
+# tolerance.
 TOLERATED = {"exit aborts": [], "port retries": []}
 
 
@@ -41,18 +52,20 @@ def note(kind: str, what: str):
     TOLERATED[kind].append(f"{test}: {' '.join(what.split())[:160]}")
 
 
-# ---- Ports -------------------------------------------------------------------------------------------------
-# Where a child can bind port 0 itself, it does: `torchrun --standalone` picks its own rendezvous port. Where a
-# port has to be chosen before the launch (mp.spawn's MASTER_PORT, a c10d endpoint shared by two torchrun
-# "nodes", Slurm's RDZV_PORT), free_port() picks one that is free now; another process may take it before the
-# child binds it (the child imports torch first: seconds). run() and start_nodes() then launch once more with
-# new ports, but only for a clash on a port that free_port() handed out.
+# ---- Ports ---------------------------------------------------------------------------------------
+# Where a child can bind port 0 itself, it does: `torchrun --standalone` picks its own rendezvous
+# port. Where a port has to be chosen before the launch (mp.spawn's MASTER_PORT, a c10d endpoint
+# shared by two torchrun "nodes", Slurm's RDZV_PORT), free_port() picks one that is free now;
+# another process may take it before the child binds it (the child imports torch first: seconds).
+# run() and start_nodes() then launch once more with new ports, but only for a clash on a port that
+# free_port() handed out.
 HANDED_OUT = set()
 PORT_CLASH = re.compile(r"address already in use|EADDRINUSE", re.IGNORECASE)
 
 
 def free_port() -> int:
-    """A TCP port nobody listens on right now (the OS picks it); see above for the window until it is bound."""
+    """A TCP port nobody listens on right now (the OS picks it); see above for the window until it
+    is bound."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -62,15 +75,17 @@ def free_port() -> int:
 
 @pytest.fixture(autouse=True)
 def _ports_of_this_test():
-    """Only ports handed out for this test count as ours: a port another test used and released may come back
-    from the OS to a socket this test binds on purpose (test_cli's busy port)."""
+    """Only ports handed out for this test count as ours: a port another test used and released may
+    come back from the OS to a socket this test binds on purpose (test_cli's busy port)."""
     HANDED_OUT.clear()
 
 
 def ports_in(cmd, env) -> set:
-    """The ports from free_port() that a command line or its environment names (as a whole number)."""
+    """The ports from free_port() that a command line or its environment names (whole numbers)."""
     texts = [str(c) for c in cmd] + [str(v) for v in (env or {}).values()]
-    return {port for port in HANDED_OUT if any(re.search(rf"(?<!\d){port}(?!\d)", t) for t in texts)}
+    return {
+        port for port in HANDED_OUT if any(re.search(rf"(?<!\d){port}(?!\d)", t) for t in texts)
+    }
 
 
 def with_new_ports(ports, cmd, env):
@@ -80,6 +95,7 @@ def with_new_ports(ports, cmd, env):
 
     def swap(text):
         return pattern.sub(lambda m: new[m.group(1)], str(text))
+
     return [swap(c) for c in cmd], {k: swap(v) for k, v in env.items()}
 
 
@@ -91,33 +107,40 @@ def cpu_env(**extra) -> dict:
     """Environment for a worker: CPU only, one thread per process (this machine has 2 cores)."""
     env = dict(os.environ)
     # PYTHONFAULTHANDLER: a worker that dies of a signal prints every thread's Python stack first.
-    # MASTER_PORT: where mp.spawn's rank 0 listens (steps 02, 04 without torchrun, ddp_errors.py); torchrun
-    # --standalone ignores it and binds a port of its own.
-    env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", CUDA_VISIBLE_DEVICES="", PYTHONFAULTHANDLER="1",
-               MASTER_PORT=str(free_port()))
+    # MASTER_PORT: where mp.spawn's rank 0 listens (steps 02, 04 without torchrun, ddp_errors.py);
+    # torchrun --standalone ignores it and binds a port of its own.
+    env.update(
+        OMP_NUM_THREADS="1",
+        PYTHONUNBUFFERED="1",
+        CUDA_VISIBLE_DEVICES="",
+        PYTHONFAULTHANDLER="1",
+        MASTER_PORT=str(free_port()),
+    )
     env.update({k: str(v) for k, v in extra.items()})
     return env
 
 
-# ---- The Gloo exit abort ------------------------------------------------------------------------------------
-# A PyTorch bug at interpreter exit, not ours (README, troubleshooting): a Gloo worker thread can drop its last
-# reference to a tensor of the final collective after Python began shutting down; C++ then aborts the process
-# (SIGABRT) although training finished and every file was written. Until the steps end it (another change),
-# the tests accept exactly that abort, and the terminal summary counts each one (TOLERATED).
+# ---- The Gloo exit abort -------------------------------------------------------------------------
+# A PyTorch bug at interpreter exit, not ours (README, troubleshooting): a Gloo worker thread can
+# drop its last reference to a tensor of the final collective after Python began shutting down; C++
+# then aborts the process (SIGABRT) although training finished and every file was written. Until the
+# steps end it (another change), the tests accept exactly that abort, and the terminal summary
+# counts each one (TOLERATED).
 EXIT_ABORT = "terminate called without an active exception"
-# rank 0's last line: steps 01-03, 05, 06 and minGPT-ddp "Finished training", step 04 "Done: " (it trains nothing)
+# rank 0's last line: steps 01-03, 05, 06 and minGPT-ddp "Finished training", step 04 "Done: " (it
+# trains nothing)
 FINISHED = re.compile(r"^\[[^\]\n]+\] (Finished training|Done: )", re.MULTILINE)
 SPAWN_ABORT = re.compile(r"ProcessExitedException: process \d+ terminated with signal SIGABRT")
 _counted = weakref.WeakSet()  # a run asked twice is counted once
 
 
 def aborted_only_at_exit(proc) -> bool:
-    """True for that crash alone: rank 0 printed its last line, C++ reported the abort, and every process that
-    failed was aborted by it (SIGABRT) or stopped because of it:
-    * torchrun: its report on the last attempt lists exit codes -6 (SIGABRT) and -15 (SIGTERM, stopped by
-      torchrun because a peer failed) only;
-    * mp.spawn (steps 02, 04): the parent's error is 'process N terminated with signal SIGABRT' (it stops the
-      others itself), and no process raised an exception."""
+    """True for that crash alone: rank 0 printed its last line, C++ reported the abort, and every
+    process that failed was aborted by it (SIGABRT) or stopped because of it:
+    * torchrun: its report on the last attempt lists exit codes -6 (SIGABRT) and -15 (SIGTERM,
+      stopped by torchrun because a peer failed) only;
+    * mp.spawn (steps 02, 04): the parent's error is 'process N terminated with signal SIGABRT' (it
+      stops the others itself), and no process raised an exception."""
     out = proc.stdout or ""
     err = proc.stderr if proc.stderr is not None else out  # merge_output: one text
     if proc.returncode == 0 or EXIT_ABORT not in err or not FINISHED.search(out):
@@ -143,30 +166,36 @@ def cpu_seconds() -> float:
         import resource
     except ImportError:
         return 0.0
-    return sum(sum(resource.getrusage(who)[:2]) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
+    return sum(
+        sum(resource.getrusage(who)[:2]) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
+    )
 
 
 SESSION_START = []
 
 
 def pytest_terminal_summary(terminalreporter):
-    """The rate of tolerated exit aborts and port retries, visible in every run's summary; and how many
-    cores the session kept busy on average (CPU time / wall time: near the core count, running tests in
-    parallel cannot make the suite faster)."""
+    """The rate of tolerated exit aborts and port retries, visible in every run's summary; and how
+    many cores the session kept busy on average (CPU time / wall time: near the core count, running
+    tests in parallel cannot make the suite faster)."""
     aborts, retries = TOLERATED["exit aborts"], TOLERATED["port retries"]
     terminalreporter.section("tolerated")
     wall, cpu = time.perf_counter() - SESSION_START[0], cpu_seconds() - SESSION_START[1]
-    terminalreporter.write_line(f"CPU time {cpu:.0f} s in {wall:.0f} s: {cpu / wall:.2f} of "
-                                f"{os.cpu_count()} cores busy on average (load average at the end: "
-                                f"{os.getloadavg()[0]:.1f})")
-    terminalreporter.write_line(f"Gloo exit aborts accepted after a finished run: {len(aborts)} "
-                                f"(of {LAUNCHES[0]} commands started through conftest); "
-                                f"launches repeated after a port clash: {len(retries)}")
+    terminalreporter.write_line(
+        f"CPU time {cpu:.0f} s in {wall:.0f} s: {cpu / wall:.2f} of "
+        f"{os.cpu_count()} cores busy on average (load average at the end: "
+        f"{os.getloadavg()[0]:.1f})"
+    )
+    terminalreporter.write_line(
+        f"Gloo exit aborts accepted after a finished run: {len(aborts)} "
+        f"(of {LAUNCHES[0]} commands started through conftest); "
+        f"launches repeated after a port clash: {len(retries)}"
+    )
     for line in aborts + retries:
         terminalreporter.write_line(f"  {line}")
 
 
-# ---- Running commands ---------------------------------------------------------------------------------------
+# ---- Running commands ----------------------------------------------------------------------------
 LAUNCHES = [0]
 
 
@@ -176,15 +205,19 @@ def _launch(cmd, cwd, env, timeout, merge_output):
 
 
 def output_of(done) -> str:
-    return f"--- stdout ---\n{(done.stdout or '')[-4000:]}\n--- stderr ---\n{(done.stderr or '')[-4000:]}"
+    out, err = (done.stdout or "")[-4000:], (done.stderr or "")[-4000:]
+    return f"--- stdout ---\n{out}\n--- stderr ---\n{err}"
 
 
-def run(cmd, cwd, timeout=180, env=None, check=True, merge_output=False) -> subprocess.CompletedProcess:
+def run(
+    cmd, cwd, timeout=180, env=None, check=True, merge_output=False
+) -> subprocess.CompletedProcess:
     """Run a command, capture its output; on an unexpected exit code fail with the output shown.
 
-    Past `timeout` seconds the command, its session and every descendant are killed and the test fails
-    (whatever `check`). A launch that fails on a port clash, on a port free_port() chose, runs once more on new
-    ports. merge_output: stderr into stdout, in print order (stderr is then None)."""
+    Past `timeout` seconds the command, its session and every descendant are killed and the test
+    fails (whatever `check`). A launch that fails on a port clash, on a port free_port() chose, runs
+    once more on new ports. merge_output: stderr into stdout, in print order (stderr is then None).
+    """
     cmd, env = [str(c) for c in cmd], env or cpu_env()
     done = _launch(cmd, cwd, env, timeout, merge_output)
     ours = ports_in(cmd, env)
@@ -193,19 +226,26 @@ def run(cmd, cwd, timeout=180, env=None, check=True, merge_output=False) -> subp
         cmd, env = with_new_ports(ours, cmd, env)
         done = _launch(cmd, cwd, env, timeout, merge_output)
     if done.timed_out:
-        raise AssertionError(f"command still running after {timeout} s, killed with its whole session: "
-                             f"{' '.join(cmd)}\n{output_of(done)}")
+        raise AssertionError(
+            f"command still running after {timeout} s, killed with its whole session: "
+            f"{' '.join(cmd)}\n{output_of(done)}"
+        )
     if check and done.returncode != 0 and aborted_only_at_exit(done):
-        warnings.warn(f"a process aborted after training had finished (PyTorch/Gloo exit crash, "
-                      f"see README, troubleshooting): {' '.join(cmd)}")
+        warnings.warn(
+            f"a process aborted after training had finished (PyTorch/Gloo exit crash, "
+            f"see README, troubleshooting): {' '.join(cmd)}"
+        )
         return done
     if check and done.returncode != 0:
-        raise AssertionError(f"command failed with exit code {done.returncode}: {' '.join(cmd)}\n{output_of(done)}")
+        raise AssertionError(
+            f"command failed with exit code {done.returncode}: {' '.join(cmd)}\n{output_of(done)}"
+        )
     return done
 
 
 def torchrun(nproc, script, *args, standalone=True, extra=()):
-    """The command line `torchrun --standalone --nproc-per-node N SCRIPT ARGS` (free rendezvous port)."""
+    """The command line `torchrun --standalone --nproc-per-node N SCRIPT ARGS` (free rendezvous
+    port)."""
     cmd = [sys.executable, "-m", "torch.distributed.run"]
     if standalone:
         cmd.append("--standalone")
@@ -214,10 +254,10 @@ def torchrun(nproc, script, *args, standalone=True, extra=()):
 
 
 def start_nodes(folders, args, extra=(), timeout=180) -> list:
-    """Torchrun "nodes" on this machine, one process each, meeting through c10d rendezvous on 127.0.0.1; node i
-    works in folders[i] (its own disk). Returns each node's CompletedProcess once all have ended. A hang fails
-    the test, with every node's session and workers killed; a clash on the rendezvous port starts all nodes
-    once more on another port."""
+    """Torchrun "nodes" on this machine, one process each, meeting through c10d rendezvous on
+    127.0.0.1; node i works in folders[i] (its own disk). Returns each node's CompletedProcess once
+    all have ended. A hang fails the test, with every node's session and workers killed; a clash on
+    the rendezvous port starts all nodes once more on another port."""
     results = _start_nodes(folders, args, extra, timeout, free_port())
     clashed = [r for r in results if r.returncode != 0 and port_clash(r)]
     if clashed:
@@ -229,24 +269,55 @@ def start_nodes(folders, args, extra=(), timeout=180) -> list:
 def _start_nodes(folders, args, extra, timeout, port):
     procs, logs = [], []
     for node_rank, folder in enumerate(folders):
-        cmd = torchrun(1, *args, standalone=False,
-                       extra=["--nnodes", len(folders), "--node-rank", node_rank, "--rdzv-backend", "c10d",
-                              "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", f"test-{port}",
-                              "--local-addr", "127.0.0.1", *extra])
-        # Files, not pipes: nothing blocks on a full pipe while the others are polled. Appending: reading
-        # them (which moves the offset the child shares) cannot make the child overwrite what it wrote.
+        cmd = torchrun(
+            1,
+            *args,
+            standalone=False,
+            extra=[
+                "--nnodes",
+                len(folders),
+                "--node-rank",
+                node_rank,
+                "--rdzv-backend",
+                "c10d",
+                "--rdzv-endpoint",
+                f"127.0.0.1:{port}",
+                "--rdzv-id",
+                f"test-{port}",
+                "--local-addr",
+                "127.0.0.1",
+                *extra,
+            ],
+        )
+        # Files, not pipes: nothing blocks on a full pipe while the others are polled. Appending:
+        # reading them (which moves the offset the child shares) cannot make the child overwrite
+        # what it wrote.
         out, err = tempfile.TemporaryFile("a+"), tempfile.TemporaryFile("a+")
         logs.append((out, err))
         LAUNCHES[0] += 1
-        procs.append(subprocess.Popen([str(c) for c in cmd], cwd=folder, env=cpu_env(), stdout=out, stderr=err,
-                                      text=True, stdin=subprocess.DEVNULL, start_new_session=True))
+        procs.append(
+            subprocess.Popen(
+                [str(c) for c in cmd],
+                cwd=folder,
+                env=cpu_env(),
+                stdout=out,
+                stderr=err,
+                text=True,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
+        )
     deadline = time.monotonic() + timeout
     try:
         while any(p.poll() is None for p in procs):
             if time.monotonic() > deadline:
                 break
-            # The rendezvous host could not listen: the others would wait for it until their own timeout.
-            if any(p.poll() not in (None, 0) and PORT_CLASH.search(read(e)) for p, (_, e) in zip(procs, logs)):
+            # The rendezvous host could not listen: the others would wait for it until their own
+            # timeout.
+            if any(
+                p.poll() not in (None, 0) and PORT_CLASH.search(read(e))
+                for p, (_, e) in zip(procs, logs)
+            ):
                 break
             time.sleep(0.2)
     finally:
@@ -263,8 +334,10 @@ def _start_nodes(folders, args, extra, timeout, port):
         out.close()
         err.close()
     if hung and not any(port_clash(r) for r in results):
-        raise AssertionError(f"{len(hung)} of {len(procs)} nodes still running after {timeout} s, killed:\n"
-                             + "\n".join(f"node {i}:\n{output_of(r)}" for i, r in enumerate(results)))
+        raise AssertionError(
+            f"{len(hung)} of {len(procs)} nodes still running after {timeout} s, killed:\n"
+            + "\n".join(f"node {i}:\n{output_of(r)}" for i, r in enumerate(results))
+        )
     return results
 
 
@@ -275,7 +348,8 @@ def read(f) -> str:
 
 
 def load_script(filename: str):
-    """Import a numbered step script (its name starts with a digit, so `import` can't) as a module."""
+    """Import a numbered step script (its name starts with a digit, so `import` can't) as a module.
+    """
     path = REPO / filename
     name = "step_" + path.stem
     spec = importlib.util.spec_from_file_location(name, path)
@@ -296,7 +370,9 @@ def mingpt():
     saved = {name: sys.modules.pop(name) for name in MINGPT_MODULES if name in sys.modules}
     sys.path.insert(0, str(REPO / "minGPT-ddp"))
     try:
-        yield SimpleNamespace(**{name: importlib.import_module(name) for name in ("model", "char_dataset", "config")})
+        yield SimpleNamespace(
+            **{name: importlib.import_module(name) for name in ("model", "char_dataset", "config")}
+        )
     finally:
         sys.path.remove(str(REPO / "minGPT-ddp"))
         for name in MINGPT_MODULES:
@@ -309,18 +385,21 @@ def repo() -> Path:
     return REPO
 
 
-# ---- Notebooks ----------------------------------------------------------------------------------------------
-# Each notebook runs once per session, in quick mode, and every test that reads its outputs shares that run:
-# test_notebooks checks that it runs and draws, test_ddp_errors asserts on notebook 07's runs of ddp_errors.py.
+# ---- Notebooks -----------------------------------------------------------------------------------
+# Each notebook runs once per session, in quick mode, and every test that reads its outputs shares
+# that run: test_notebooks checks that it runs and draws, test_ddp_errors asserts on notebook 07's
+# runs of ddp_errors.py.
 NOTEBOOK_DIR = REPO / "notebooks"
 CELL_TIMEOUT = 300  # s; the slowest cell starts a few torchrun runs
-# First cell of the executed copy: record the smallest text size in every figure the notebook shows (the
-# inline backend draws each through print_figure), so that the test can check it. Last cell: print them.
+# First cell of the executed copy: record the smallest text size in every figure the notebook shows
+# (the inline backend draws each through print_figure), so that the test can check it. Last cell:
+# print them.
 FONT_PROBE = """\
 import matplotlib.backend_bases, matplotlib.text
 _TEST_FONT_SIZES, _print_figure = [], matplotlib.backend_bases.FigureCanvasBase.print_figure
 def _measure_then_print(canvas, *args, **kwargs):
-    texts = [t for t in canvas.figure.findobj(matplotlib.text.Text) if t.get_visible() and t.get_text().strip()]
+    texts = [t for t in canvas.figure.findobj(matplotlib.text.Text)
+             if t.get_visible() and t.get_text().strip()]
     _TEST_FONT_SIZES.append(min((t.get_fontsize() for t in texts), default=None))
     return _print_figure(canvas, *args, **kwargs)
 matplotlib.backend_bases.FigureCanvasBase.print_figure = _measure_then_print
@@ -330,24 +409,29 @@ FONT_REPORT = "import json; print('smallest text per figure (pt):', json.dumps(_
 
 @pytest.fixture(scope="session")
 def executed_notebook(tmp_path_factory):
-    """name -> SimpleNamespace(nb, seconds, font_sizes, left_behind): runs notebooks/NAME once per session.
+    """name -> SimpleNamespace(nb, seconds, font_sizes, left_behind): runs notebooks/NAME once per
+    session.
 
-    A copy runs in a temporary directory (the committed file, with its outputs, is never rewritten) with
-    NB_QUICK=1, on a kernel that runs this very interpreter, CPU only. A failing cell fails every test that
-    asks for the notebook, with the cell and its traceback."""
+    A copy runs in a temporary directory (the committed file, with its outputs, is never rewritten)
+    with NB_QUICK=1, on a kernel that runs this very interpreter, CPU only. A failing cell fails
+    every test that asks for the notebook, with the cell and its traceback."""
     nbformat = pytest.importorskip("nbformat")
     nbclient = pytest.importorskip("nbclient")
     from jupyter_client.kernelspec import KernelSpecManager
     from jupyter_client.manager import KernelManager
-    from execute_notebooks import write_kernel_spec  # tools/: the kernel spec that tools/ runs notebooks with
+    from execute_notebooks import (
+        write_kernel_spec,
+    )  # tools/: the kernel spec that tools/ runs notebooks with
 
     kernels = tmp_path_factory.mktemp("kernels")
     write_kernel_spec(kernels, "ddp-steps-test")
-    # The kernel's environment: where the repository is (the copy lives elsewhere), quick mode, no GPU, no
-    # MPLBACKEND (a CI's "Agg" would stop the kernel from drawing figures inline, as Jupyter does), and no
-    # __pycache__ written into notebooks/.
+    # The kernel's environment: where the repository is (the copy lives elsewhere), quick mode, no
+    # GPU, no MPLBACKEND (a CI's "Agg" would stop the kernel from drawing figures inline, as Jupyter
+    # does), and no __pycache__ written into notebooks/.
     env = {k: v for k, v in os.environ.items() if k != "MPLBACKEND"}
-    env.update(DDP_STEPS_REPO=str(REPO), NB_QUICK="1", CUDA_VISIBLE_DEVICES="", PYTHONDONTWRITEBYTECODE="1")
+    env.update(
+        DDP_STEPS_REPO=str(REPO), NB_QUICK="1", CUDA_VISIBLE_DEVICES="", PYTHONDONTWRITEBYTECODE="1"
+    )
     done = {}
 
     def execute(name):
@@ -358,15 +442,28 @@ def executed_notebook(tmp_path_factory):
             for cell in nb.cells:  # start from nothing: the committed outputs must not count
                 if cell.cell_type == "code":
                     cell.outputs = []
-            nb.cells = [nbformat.v4.new_code_cell(FONT_PROBE), *nb.cells, nbformat.v4.new_code_cell(FONT_REPORT)]
+            nb.cells = [
+                nbformat.v4.new_code_cell(FONT_PROBE),
+                *nb.cells,
+                nbformat.v4.new_code_cell(FONT_REPORT),
+            ]
             before = sorted(p.name for p in NOTEBOOK_DIR.iterdir())
-            km = KernelManager(kernel_name="ddp-steps-test",
-                               kernel_spec_manager=KernelSpecManager(kernel_dirs=[str(kernels)]))
-            client = nbclient.NotebookClient(nb, km=km, kernel_name="ddp-steps-test", timeout=CELL_TIMEOUT,
-                                             resources={"metadata": {"path": str(folder)}})
+            km = KernelManager(
+                kernel_name="ddp-steps-test",
+                kernel_spec_manager=KernelSpecManager(kernel_dirs=[str(kernels)]),
+            )
+            client = nbclient.NotebookClient(
+                nb,
+                km=km,
+                kernel_name="ddp-steps-test",
+                timeout=CELL_TIMEOUT,
+                resources={"metadata": {"path": str(folder)}},
+            )
             start = time.perf_counter()
             try:
-                client.execute(cleanup_kc=True, env=env)  # cleanup_kc: shut the kernel down afterwards
+                client.execute(
+                    cleanup_kc=True, env=env
+                )  # cleanup_kc: shut the kernel down afterwards
                 error = None
             except Exception as e:  # CellExecutionError: the cell and its traceback
                 error = f"{name} failed:\n{e}"
@@ -375,13 +472,24 @@ def executed_notebook(tmp_path_factory):
             seconds = time.perf_counter() - start
             nb.cells = nb.cells[1:]  # the probe
             report = nb.cells.pop()
-            sizes = json.loads(stream_text(report).split(":", 1)[1]) if report.get("outputs") else []
-            for text in (t for cell in nb.cells for o in cell.get("outputs", []) for t in [o.get("text", "")]):
-                if "the PyTorch/Gloo exit bug" in text:  # nbutils.run's note: count it with the suite's
+            sizes = (
+                json.loads(stream_text(report).split(":", 1)[1]) if report.get("outputs") else []
+            )
+            for text in (
+                t for cell in nb.cells for o in cell.get("outputs", []) for t in [o.get("text", "")]
+            ):
+                if (
+                    "the PyTorch/Gloo exit bug" in text
+                ):  # nbutils.run's note: count it with the suite's
                     note("exit aborts", f"in {name}: {text.strip().splitlines()[0]}")
-            # (a new notebook is not the run's doing: someone saved one meanwhile, in a shared checkout)
-            left = sorted(set(p.name for p in NOTEBOOK_DIR.iterdir() if p.suffix != ".ipynb") - set(before))
-            done[name] = SimpleNamespace(nb=nb, seconds=seconds, font_sizes=sizes, left_behind=left, error=error)
+            # (a new notebook is not the run's doing: someone saved one meanwhile, in a shared
+            # checkout)
+            left = sorted(
+                set(p.name for p in NOTEBOOK_DIR.iterdir() if p.suffix != ".ipynb") - set(before)
+            )
+            done[name] = SimpleNamespace(
+                nb=nb, seconds=seconds, font_sizes=sizes, left_behind=left, error=error
+            )
         if done[name].error:
             pytest.fail(done[name].error, pytrace=False)
         return done[name]
@@ -391,4 +499,6 @@ def executed_notebook(tmp_path_factory):
 
 def stream_text(cell) -> str:
     """What a code cell printed (stdout and stderr streams), as one text."""
-    return "".join(o.get("text", "") for o in cell.get("outputs", []) if o.get("output_type") == "stream")
+    return "".join(
+        o.get("text", "") for o in cell.get("outputs", []) if o.get("output_type") == "stream"
+    )
