@@ -9,6 +9,7 @@ that cannot run them does not pass them.
 
 Three jobs in all; where one job proves two things, two tests read it (module fixtures).
 """
+
 import os
 import re
 import shutil
@@ -24,17 +25,28 @@ from conftest import PORT_CLASH, REPO, TINY_GPT, cpu_env, free_port, note, run
 CLUSTER = REPO / "slurm" / "local_cluster.sh"
 STEP03_JOB = REPO / "slurm" / "sbatch_run.sh"
 MINGPT_JOB = REPO / "minGPT-ddp" / "slurm" / "sbatch_run.sh"
-DONE = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE",
-        "PREEMPTED"}
+DONE = {
+    "COMPLETED",
+    "FAILED",
+    "CANCELLED",
+    "TIMEOUT",
+    "NODE_FAIL",
+    "OUT_OF_MEMORY",
+    "BOOT_FAIL",
+    "DEADLINE",
+    "PREEMPTED",
+}
 JOB_TIMEOUT = 150  # seconds; each job here takes 5-20 s on 2 cores
 REQUIRED = os.environ.get("REQUIRE_SLURM") == "1"
 
-# Installing Slurm (about 15 s) and the jobs fit well inside this; pytest.ini's 600 s stays the outer bound.
+# Installing Slurm (about 15 s) and the jobs fit well inside this; pytest.ini's 600 s stays the
+# outer bound.
 pytestmark = pytest.mark.timeout(420)
 
 
 def cannot_run(reason):
-    """Skip the Slurm tests, or with REQUIRE_SLURM=1 fail them: CI must not pass what it never ran."""
+    """Skip the Slurm tests, or with REQUIRE_SLURM=1 fail them: CI must not pass what it never ran.
+    """
     if REQUIRED:
         pytest.fail(f"REQUIRE_SLURM=1, but {reason}", pytrace=False)
     pytest.skip(reason)
@@ -69,12 +81,14 @@ def daemon_pids(state):
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    """A running local cluster with its own state directory and ports; stopped at the end, whatever happens.
+    """A running local cluster with its own state directory and ports; stopped at the end, whatever
+    happens.
 
-    Returns the environment for Slurm commands (SLURM_CONF points at the cluster's slurm.conf).
-    """
+    Returns the environment for Slurm commands (SLURM_CONF points at the cluster's slurm.conf)."""
     if os.geteuid() != 0:
-        cannot_run("the local Slurm cluster needs root (apt-get install slurm-wlm, daemons run as root)")
+        cannot_run(
+            "the local Slurm cluster needs root (apt-get install slurm-wlm, daemons run as root)"
+        )
     if not shutil.which("slurmctld") and not shutil.which("apt-get"):
         cannot_run("Slurm is not installed and there is no apt-get to install it")
     state = tmp_path_factory.mktemp("slurm") / "state"
@@ -100,7 +114,9 @@ def cluster(tmp_path_factory):
 def submit(env, script, workdir, *args, **extra_env) -> int:
     """sbatch from the repository root (the submit directory), with the job working in `workdir`."""
     env = {**env, **{k: str(v) for k, v in extra_env.items()}}
-    proc = run(["sbatch", "--parsable", "--chdir", workdir, script, *args], cwd=REPO, env=env, timeout=30)
+    proc = run(
+        ["sbatch", "--parsable", "--chdir", workdir, script, *args], cwd=REPO, env=env, timeout=30
+    )
     return int(proc.stdout.strip().split(";")[0])
 
 
@@ -126,14 +142,18 @@ def wait(env, job_id, workdir) -> tuple:
     else:
         run(["scancel", job_id], cwd=REPO, env=env, check=False)
         output = output_file.read_text() if output_file.exists() else "(no output file)"
-        pytest.fail(f"job {job_id} still {state} after {JOB_TIMEOUT} s; cancelled. Its output:\n{output[-4000:]}")
+        pytest.fail(
+            f"job {job_id} still {state} after {JOB_TIMEOUT} s; cancelled. "
+            f"Its output:\n{output[-4000:]}"
+        )
     return state, output_file.read_text()
 
 
 def job(env, script, workdir, *args, **extra_env) -> tuple:
-    """Submit, wait; returns (job id, state, output). A job that failed because its rendezvous port was taken
-    (by another program, after the job or the test chose it) is submitted once more: with a new RDZV_PORT
-    where the test chose one, else with a new job id (the batch scripts derive the port from it)."""
+    """Submit, wait; returns (job id, state, output). A job that failed because its rendezvous port
+    was taken (by another program, after the job or the test chose it) is submitted once more: with
+    a new RDZV_PORT where the test chose one, else with a new job id (the batch scripts derive the
+    port from it)."""
     job_id = submit(env, script, workdir, *args, **extra_env)
     state, output = wait(env, job_id, workdir)
     if state != "COMPLETED" and PORT_CLASH.search(output):
@@ -155,14 +175,29 @@ def test_local_cluster_has_two_idle_nodes_and_starts_only_once(cluster):
 
 
 def test_step03_on_two_nodes(cluster, tmp_path):
-    """The defaults: 2 nodes x 2 CPU processes, rendezvous on the first node, port from the job id."""
-    job_id, state, output = job(cluster, STEP03_JOB, tmp_path, "--max_epochs", 2, "--dataset_size", 256,
-                                "--batch_size", 16, "--snapshot_path", tmp_path / "snapshot.pt")
+    """The defaults: 2 nodes x 2 CPU processes, rendezvous on the first node, port from the job id.
+    """
+    job_id, state, output = job(
+        cluster,
+        STEP03_JOB,
+        tmp_path,
+        "--max_epochs",
+        2,
+        "--dataset_size",
+        256,
+        "--batch_size",
+        16,
+        "--snapshot_path",
+        tmp_path / "snapshot.pt",
+    )
     assert state == "COMPLETED", output[-4000:]
     assert job_field(cluster, job_id, "NodeList") == "n[1-2]"
     # the emulated nodes' address is 127.0.0.1 (NodeAddr), so the rendezvous is there too
-    assert (f"job {job_id} | nodes n[1-2] (2) | rendezvous 127.0.0.1:{20000 + job_id % 12000} | device cpu | "
-            f"processes per node 2 | working directory {tmp_path}") in output
+    assert (
+        f"job {job_id} | nodes n[1-2] (2) | rendezvous 127.0.0.1:{20000 + job_id % 12000} | "
+        f"device cpu | "
+        f"processes per node 2 | working directory {tmp_path}"
+    ) in output
     assert "[cpu rank 0] device cpu | backend gloo | world_size 4 | GPUs here 0" in output
     for rank in range(4):  # every rank of both nodes trained both epochs
         assert f"[cpu rank {rank}] Epoch 1 | Batchsize 16 | Steps 4 |" in output, output
@@ -172,15 +207,30 @@ def test_step03_on_two_nodes(cluster, tmp_path):
 
 @pytest.fixture(scope="module")
 def mingpt_job(cluster, tmp_path_factory):
-    """minGPT-ddp on two nodes, with the environment's overrides (one process per node, rendezvous address and
-    port given); the last rank crashes at step 15 (injected from outside by tests/workers/mingpt_faults.py,
-    once), and MAX_RESTARTS=1 lets torchrun restart both nodes' processes."""
+    """minGPT-ddp on two nodes, with the environment's overrides (one process per node, rendezvous
+    address and port given); the last rank crashes at step 15 (injected from outside by
+    tests/workers/mingpt_faults.py, once), and MAX_RESTARTS=1 lets torchrun restart both nodes'
+    processes."""
     folder = tmp_path_factory.mktemp("mingpt_job")
     port = free_port()
-    _, state, output = job(cluster, MINGPT_JOB, folder, "--crash-at-step", 15, *TINY_GPT, "trainer.max_iters=20",
-                           f"trainer.snapshot_path={folder / 'gpt.pt'}", f"trainer.log_file={folder / 'gpt.jsonl'}",
-                           DEVICE="cpu", NPROC_PER_NODE=1, RDZV_HOST="127.0.0.1", RDZV_PORT=port,
-                           LOCAL_ADDR="127.0.0.1", MAX_RESTARTS=1, TRAIN_SCRIPT="tests/workers/mingpt_faults.py")
+    _, state, output = job(
+        cluster,
+        MINGPT_JOB,
+        folder,
+        "--crash-at-step",
+        15,
+        *TINY_GPT,
+        "trainer.max_iters=20",
+        f"trainer.snapshot_path={folder / 'gpt.pt'}",
+        f"trainer.log_file={folder / 'gpt.jsonl'}",
+        DEVICE="cpu",
+        NPROC_PER_NODE=1,
+        RDZV_HOST="127.0.0.1",
+        RDZV_PORT=port,
+        LOCAL_ADDR="127.0.0.1",
+        MAX_RESTARTS=1,
+        TRAIN_SCRIPT="tests/workers/mingpt_faults.py",
+    )
     assert state == "COMPLETED", output[-4000:]
     return SimpleNamespace(folder=folder, output=output, port=port)
 
@@ -188,19 +238,26 @@ def mingpt_job(cluster, tmp_path_factory):
 def test_mingpt_on_two_nodes(mingpt_job):
     output, folder = mingpt_job.output, mingpt_job.folder
     assert f"rendezvous 127.0.0.1:{mingpt_job.port} | device cpu | processes per node 1 |" in output
-    assert "[cpu rank 0] device cpu | backend gloo | world_size 2 | GPUs here 0 | 1 thread(s) per rank" in output
+    assert (
+        "[cpu rank 0] device cpu | backend gloo | world_size 2 | GPUs here 0 | 1 thread(s) per rank"
+        in output
+    )
     # both ranks loaded the same data (each attempt: one line per rank), the same fingerprint
     fingerprints = re.findall(r"\[cpu rank (\d)\] data .* fingerprint (\w+)", output)
     assert sorted(set(r for r, _ in fingerprints)) == ["0", "1"], output
     assert len({f for _, f in fingerprints}) == 1, output
-    assert re.search(r"\[cpu rank 0\] Finished training: steps \d+-20 \| val loss [\d.]+ \| [\d.]+ s \| snapshot "
-                     + re.escape(str(folder / "gpt.pt")), output), output
+    assert re.search(
+        r"\[cpu rank 0\] Finished training: steps \d+-20 \| val loss [\d.]+ \| [\d.]+ s \| "
+        r"snapshot "
+        + re.escape(str(folder / "gpt.pt")),
+        output,
+    ), output
     assert '"iter": 20' in (folder / "gpt.jsonl").read_text()
 
 
 def test_mingpt_job_restarted_after_a_crash_resumes(mingpt_job):
-    """The trainer.resume=auto that the batch script passes makes the restarted processes continue from the
-    snapshot of step 10 instead of starting over."""
+    """The trainer.resume=auto that the batch script passes makes the restarted processes continue
+    from the snapshot of step 10 instead of starting over."""
     snapshot, output = mingpt_job.folder / "gpt.pt", mingpt_job.output
     assert "simulated crash of rank 1 at step 15" in output, output[-4000:]
     assert f"resuming from {snapshot} at step 10" in output, output[-4000:]
@@ -210,19 +267,22 @@ def test_mingpt_job_restarted_after_a_crash_resumes(mingpt_job):
 
 @pytest.fixture(scope="module")
 def gpu_job(cluster, tmp_path_factory):
-    """A job given 3 GPUs (faked through CUDA_VISIBLE_DEVICES, as Slurm sets it) whose script fails at once on
-    a bad argument (this machine has no GPU to train on)."""
+    """A job given 3 GPUs (faked through CUDA_VISIBLE_DEVICES, as Slurm sets it) whose script fails
+    at once on a bad argument (this machine has no GPU to train on)."""
     folder = tmp_path_factory.mktemp("gpu_job")
-    _, state, output = job(cluster, STEP03_JOB, folder, "--max_epochs", 0, CUDA_VISIBLE_DEVICES="0,1,2")
+    _, state, output = job(
+        cluster, STEP03_JOB, folder, "--max_epochs", 0, CUDA_VISIBLE_DEVICES="0,1,2"
+    )
     return SimpleNamespace(state=state, output=output)
 
 
 def test_gpus_come_from_the_job_not_from_the_node(gpu_job):
-    """DEVICE=auto counts the GPUs Slurm gave the job and starts one process per GPU; with more processes than
-    --cpus-per-task it warns."""
+    """DEVICE=auto counts the GPUs Slurm gave the job and starts one process per GPU; with more
+    processes than --cpus-per-task it warns."""
     assert "| device gpu | processes per node 3 |" in gpu_job.output, gpu_job.output
     assert "warning: 3 processes per node share 2 core(s) (--cpus-per-task 2)" in gpu_job.output
-    # without GPUs (CUDA_VISIBLE_DEVICES empty): test_step03_on_two_nodes, "device cpu | processes per node 2"
+    # without GPUs (CUDA_VISIBLE_DEVICES empty): test_step03_on_two_nodes, "device cpu | processes
+    # per node 2"
 
 
 def test_failing_training_fails_the_job(gpu_job):
