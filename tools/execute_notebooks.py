@@ -8,6 +8,7 @@ kernels are or are not installed. GPUs are hidden, so the committed pictures sho
 laptop without a GPU shows, as the README says. Always at full size: an NB_QUICK=1 left in the
 environment (the tests' quick mode) is ignored, so the outputs match the notebooks' text.
 """
+
 import argparse
 import json
 import os
@@ -26,13 +27,20 @@ KERNEL = "ddp-steps-tools"
 
 
 def write_kernel_spec(root: Path, name: str):
-    """A Jupyter kernel spec in root/name that starts this interpreter (`-m ipykernel_launcher`), so the
-    notebooks run with this virtualenv's packages whatever kernels are installed for the user."""
+    """A Jupyter kernel spec in root/name that starts this interpreter (`-m ipykernel_launcher`), so
+    the notebooks run with this virtualenv's packages whatever kernels are installed for the user.
+    """
     spec = root / name
     spec.mkdir(parents=True)
-    (spec / "kernel.json").write_text(json.dumps({
-        "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
-        "display_name": f"ddp-steps ({name})", "language": "python"}))
+    (spec / "kernel.json").write_text(
+        json.dumps(
+            {
+                "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+                "display_name": f"ddp-steps ({name})",
+                "language": "python",
+            }
+        )
+    )
 
 
 def execute(path: Path, kernel_dir: str, timeout: int) -> float:
@@ -41,25 +49,42 @@ def execute(path: Path, kernel_dir: str, timeout: int) -> float:
         if cell.cell_type == "code":
             cell.outputs, cell.execution_count = [], None
             cell.metadata.pop("execution", None)  # timestamps of an earlier run
-    km = KernelManager(kernel_name=KERNEL, kernel_spec_manager=KernelSpecManager(kernel_dirs=[kernel_dir]))
-    # record_timing=False: no execution timestamps in the cells' metadata, so a re-run changes only outputs
-    client = nbclient.NotebookClient(nb, km=km, kernel_name=KERNEL, timeout=timeout, record_timing=False,
-                                     resources={"metadata": {"path": str(path.parent)}})
+    km = KernelManager(
+        kernel_name=KERNEL, kernel_spec_manager=KernelSpecManager(kernel_dirs=[kernel_dir])
+    )
+    # record_timing=False: no execution timestamps in the cells' metadata, so a re-run changes only
+    # outputs
+    client = nbclient.NotebookClient(
+        nb,
+        km=km,
+        kernel_name=KERNEL,
+        timeout=timeout,
+        record_timing=False,
+        resources={"metadata": {"path": str(path.parent)}},
+    )
     start = time.perf_counter()
-    client.execute(cleanup_kc=True)  # raises CellExecutionError (the file is left as it was) if a cell fails
+    client.execute(
+        cleanup_kc=True
+    )  # raises CellExecutionError (the file is left as it was) if a cell fails
     nbformat.write(nb, path)
     return time.perf_counter() - start
 
 
 def main():
-    parser = argparse.ArgumentParser(description="Execute notebooks in place, saving their outputs.")
+    parser = argparse.ArgumentParser(
+        description="Execute notebooks in place, saving their outputs."
+    )
     parser.add_argument("notebooks", nargs="*", type=Path, help="default: every notebooks/*.ipynb")
     parser.add_argument("--timeout", type=int, default=600, help="seconds per cell (default: 600)")
     args = parser.parse_args()
     paths = args.notebooks or sorted((REPO / "notebooks").glob("*.ipynb"))
-    os.environ.update(DDP_STEPS_REPO=str(REPO), CUDA_VISIBLE_DEVICES="", PYTHONDONTWRITEBYTECODE="1")
+    os.environ.update(
+        DDP_STEPS_REPO=str(REPO), CUDA_VISIBLE_DEVICES="", PYTHONDONTWRITEBYTECODE="1"
+    )
     os.environ.pop("MPLBACKEND", None)  # an "Agg" would keep the figures out of the notebook
-    os.environ.pop("NB_QUICK", None)  # the committed outputs are the full-size runs the text describes
+    os.environ.pop(
+        "NB_QUICK", None
+    )  # the committed outputs are the full-size runs the text describes
     with tempfile.TemporaryDirectory() as kernel_dir:
         write_kernel_spec(Path(kernel_dir), KERNEL)
         for path in paths:
