@@ -43,11 +43,13 @@ N_LAYER = int(next(o for o in TINY_GPT if o.startswith("model.n_layer=")).split(
 
 S, A, B = "trainer.strategy", "trainer.grad_accum_steps", "trainer.batch_size"
 FP16, CLIP = "trainer.dtype=float16", "trainer.grad_clip=1"
+# The hand-made DDP in buckets of 31 kB: 4 of them for the tiny GPT's 113 kB of gradients
+HANDMADE = ("trainer.strategy=handmade", "trainer.bucket_cap_mb=0.03")
 # 32 sequences per step on 2 ranks: 16 per rank at once (a1), or 2 micro-steps of 8 (the default)
 TWO_RANKS = {
-    "ddp_a1": [f"{S}=ddp", f"{B}=16"], "handmade_a1": [f"{S}=handmade", f"{B}=16"],
+    "ddp_a1": [f"{S}=ddp", f"{B}=16"], "handmade_a1": [*HANDMADE, f"{B}=16"],
     "fsdp_a1": [f"{S}=fsdp", f"{B}=16"],
-    "ddp": [f"{S}=ddp", f"{A}=2"], "handmade": [f"{S}=handmade", f"{A}=2"],
+    "ddp": [f"{S}=ddp", f"{A}=2"], "handmade": [*HANDMADE, f"{A}=2"],
     "zero1": [f"{S}=zero1", f"{A}=2"], "fsdp": [f"{S}=fsdp", f"{A}=2"],
     "fsdp_zero2": [f"{S}=fsdp", f"{A}=2", "trainer.reshard_after_forward=false"],
     # 4 micro-batches shared by the ranks: 2 each
@@ -69,8 +71,8 @@ TWO_RANKS = {
                 "resume_from=first_half@5"],
 }
 THREE_RANKS = {  # 24 sequences per step, or 48 with 2 micro-steps
-    "ddp_a1": [f"{S}=ddp"], "handmade_a1": [f"{S}=handmade"],
-    "ddp": [f"{S}=ddp", f"{A}=2"], "handmade": [f"{S}=handmade", f"{A}=2"],
+    "ddp_a1": [f"{S}=ddp"], "handmade_a1": [*HANDMADE],
+    "ddp": [f"{S}=ddp", f"{A}=2"], "handmade": [*HANDMADE, f"{A}=2"],
     "zero1": [f"{S}=zero1", f"{A}=2"],
 }
 
@@ -179,8 +181,8 @@ def test_accumulation_sends_once_per_step(two):
     (set_requires_gradient_sync(False)). The counts match nothing else: a sync too many fails as
     one too few does."""
     counts = {name: report(two, name)["collectives"].get("counts") for name in TWO_RANKS}
-    for strategy in ("ddp", "handmade"):  # one bucket: 30k parameters
-        assert counts[strategy] == counts[f"{strategy}_a1"] == {"all_reduce": 1}
+    assert counts["ddp"] == counts["ddp_a1"] == {"all_reduce": 1}  # one bucket (DDP's first: 1 MB)
+    assert counts["handmade"] == counts["handmade_a1"] == {"all_reduce": 4}  # 4 buckets
     units = N_LAYER + 1  # the blocks and the root: one FSDP unit each
     assert counts["fsdp"]["reduce_scatter"] == counts["fsdp_a1"]["reduce_scatter"] == units
     # ZeRO-3 gathers each block again for backward, and everything again in each micro-step
