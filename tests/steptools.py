@@ -23,6 +23,9 @@ from torch.utils.data.distributed import DistributedSampler
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # the steps import plumbing.py from beside them
+# A run's time limit: on this 2-core machine, shared with other work (load average 20-30), one
+# 2-process run of a step took up to 180 s; alone, 8-15 s.
+LAUNCH_TIMEOUT_S = 400
 
 
 def train_on_union(step, world_size: int, epochs: int, clip: float = None, **settings):

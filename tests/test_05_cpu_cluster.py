@@ -35,7 +35,7 @@ def readme_run(tmp_path_factory):
     done = run(steptools.readme_command(
         README_COMMAND, ["--crash-at-epoch", 1, "--dump-ranks", "ranks"],
         ["--dataset_size", SETTINGS["dataset_size"], "--save_every", 1, "--log_file", "05.jsonl"],
-        torchrun_options=["--max-restarts", 1]), cwd=folder)
+        torchrun_options=["--max-restarts", 1]), cwd=folder, timeout=steptools.LAUNCH_TIMEOUT_S)
     records = [json.loads(line) for line in (folder / "05.jsonl").read_text().splitlines()]
     return folder, done.stdout, records
 

@@ -37,7 +37,8 @@ def run_06(folder, line, observe=(), torchrun_options=()):
     done = run(steptools.readme_command(line, ["--dump-ranks", "ranks", *observe],
                                         ["--dataset_size", SETTINGS["dataset_size"],
                                          "--save_every", 1, "--log_file", "06.jsonl"],
-                                        torchrun_options), cwd=folder)
+                                        torchrun_options), cwd=folder,
+               timeout=steptools.LAUNCH_TIMEOUT_S)
     records = [json.loads(line) for line in (folder / "06.jsonl").read_text().splitlines()]
     return folder, done.stdout, records
 

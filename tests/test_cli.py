@@ -45,7 +45,8 @@ def test_bad_flag_values(script, monkeypatch, capsys):
     monkeypatch.setenv("LOCAL_RANK", "0")  # as under torchrun: past that guard
     module = load_script(script)
     for flag in ("--max_epochs", "--batch_size", "--save_every", "--dataset_size"):
-        assert parse_fails(module, [flag, "0"], capsys).endswith(f"error: {flag} must be at least 1")
+        error = parse_fails(module, [flag, "0"], capsys)
+        assert error.endswith(f"error: {flag} must be at least 1")
 
 
 @pytest.mark.parametrize("script", TORCHRUN_STEPS)

@@ -1,60 +1,82 @@
-"""The commands the README shows are the commands that work.
+"""The commands the READMEs show are the commands that work.
 
-Every ```bash block that follows a `<!-- tested ... -->` line in a README is run as written,
-with bash, in a scratch folder that links to the repository's files (so what the commands
-write stays out of the repository), with this virtualenv's `python` and `torchrun` first
-on PATH, on the CPU. It must exit 0 and print no Python traceback, on stdout or stderr (where
-tracebacks go), unless its marker says `<!-- tested, traceback expected -->` (a crash demo).
+Every ```bash block of README.md and slurm/README.md has a marker on the line above it, and
+the count of blocks is checked, so none goes unmarked:
+* `<!-- tested: ... -->`: run here as written, once (no second try), with bash, in a scratch
+  folder that links to the repository's files, with this virtualenv's python and torchrun first
+  on PATH, on the CPU. It must exit 0 and print no traceback; the output block after it (```text)
+  must show lines the run printed (numbers aside: another CPU may round differently).
+* `<!-- tested by tests/test_x.py -->`: a step test runs these very commands (adding only
+  observations: a log, every rank's weights). Checked here as text: every command of the block
+  is one of that test module's README_* strings, which the test runs.
+* `<!-- untested: why -->`: needs what a test cannot have (two machines, a cluster, Windows).
 """
+import importlib
 import os
 import re
 import subprocess
 import sys
-import warnings
 from pathlib import Path
 
 import pytest
 
-from conftest import REPO, aborted_only_at_exit, cpu_env
+from conftest import REPO, cpu_env
 
-READMES = [REPO / "README.md", *sorted(REPO.glob("*/README.md"))]
-BLOCK = re.compile(r"<!-- tested([^>]*)-->\s*```bash\n(.*?)```", re.S)
+READMES = {REPO / "README.md": 13, REPO / "slurm" / "README.md": 3}  # bash blocks in each
+BLOCK = re.compile(r"(?:<!-- (?P<marker>[^>]*?) -->\s*)?```bash\n(?P<body>.*?)```"
+                   r"(?:\s*```text\n(?P<output>.*?)```)?", re.S)
+NUMBER = re.compile(r"\d+(\.\d+)?(e[-+]?\d+)?")
 
 
-def readme_blocks():
+def blocks(readme: Path):
+    return [m.groupdict() for m in BLOCK.finditer(readme.read_text())]
+
+
+def commands(body: str) -> list:
+    """The block's command lines: comments, blank lines and trailing comments left out."""
+    lines = [line.split("  #")[0].strip() for line in body.splitlines()]
+    return [line for line in lines if line and not line.startswith("#")]
+
+
+@pytest.mark.parametrize("readme", READMES, ids=lambda p: str(p.relative_to(REPO)))
+def test_every_bash_block_is_marked(readme):
+    found = blocks(readme)
+    assert len(found) == READMES[readme], "a bash block was added or removed: update READMES"
+    for block in found:
+        marker = block["marker"] or ""
+        assert re.fullmatch(r"tested: .+|tested by tests/test_\w+\.py|untested: .+", marker), \
+            f"unmarked block in {readme.name}:\n{block['body']}"
+
+
+def marked(kind: str):
     for readme in READMES:
-        for number, match in enumerate(BLOCK.finditer(readme.read_text())):
-            block, traceback_expected = match.group(2), "traceback expected" in match.group(1)
-            first = next(line for line in block.splitlines() if line.strip() and not line.startswith("#"))
-            yield pytest.param(readme, block, traceback_expected,
-                               id=f"{readme.relative_to(REPO).parent}#{number}:{first[:60]}")
+        for number, block in enumerate(blocks(readme)):
+            if (block["marker"] or "").startswith(kind):
+                first = commands(block["body"])[0][:60]
+                yield pytest.param(block, id=f"{readme.relative_to(REPO)}#{number}:{first}")
 
 
-def scratch_copy(tmp_path: Path, readme: Path) -> Path:
-    """A folder that looks like the README's folder: links to every file and folder in it."""
-    for entry in readme.parent.iterdir():
+@pytest.mark.parametrize("block", marked("tested by "))
+def test_block_is_what_its_test_runs(block):
+    module = importlib.import_module(Path(block["marker"].split()[-1]).stem)
+    run_there = {value for name, value in vars(module).items()
+                 if name.startswith("README") and isinstance(value, str)}
+    for command in commands(block["body"]):
+        assert command in run_there, f"{block['marker']} does not run: {command}"
+
+
+@pytest.mark.parametrize("block", marked("tested: "))
+def test_block_runs_as_written(tmp_path, block):
+    for entry in REPO.iterdir():  # the README's folder, with nothing written into it
         if entry.name not in (".git", ".venv", "runs"):
             (tmp_path / entry.name).symlink_to(entry)
-    return tmp_path
-
-
-def test_readmes_have_readme_blocks():
-    assert len(list(readme_blocks())) >= 4
-
-
-@pytest.mark.parametrize("readme,block,traceback_expected", list(readme_blocks()))
-def test_readme_block_runs(tmp_path, readme, block, traceback_expected):
     env = cpu_env(PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
-
-    def run_block(folder: Path):
-        folder.mkdir()
-        return subprocess.run(["bash", "-euo", "pipefail", "-c", block], cwd=scratch_copy(folder, readme), env=env,
-                              capture_output=True, text=True, timeout=400, stdin=subprocess.DEVNULL)
-
-    proc = run_block(tmp_path / "first")
-    if proc.returncode != 0 and aborted_only_at_exit(proc):  # PyTorch's exit abort (see conftest): once more
-        warnings.warn(f"README block hit the Gloo exit abort (see README, troubleshooting); running it again: {block}")
-        proc = run_block(tmp_path / "again")
-    assert proc.returncode == 0, f"{block}\n--- stdout ---\n{proc.stdout[-3000:]}\n--- stderr ---\n{proc.stderr[-3000:]}"
-    if not traceback_expected:
-        assert "Traceback" not in proc.stdout + proc.stderr, f"{block}\n--- stderr ---\n{proc.stderr[-3000:]}"
+    done = subprocess.run(["bash", "-euo", "pipefail", "-c", block["body"]], cwd=tmp_path,
+                          env=env, capture_output=True, text=True, timeout=300,
+                          stdin=subprocess.DEVNULL)
+    assert done.returncode == 0, f"{block['body']}\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    assert "Traceback" not in done.stdout + done.stderr, done.stderr[-3000:]
+    printed = {NUMBER.sub("N", line) for line in done.stdout.splitlines()}
+    for line in (block["output"] or "").splitlines():
+        if line != "...":
+            assert NUMBER.sub("N", line) in printed, f"the README shows a line not printed: {line}"

@@ -37,8 +37,10 @@ def step03():
 def readme_runs(tmp_path_factory):
     """The README's two commands, one after the other in one folder: (folder, their stdouts)."""
     folder = tmp_path_factory.mktemp("step03")
-    first = run(steptools.readme_command(README_FIRST, ["--keep-snapshots"]), cwd=folder)
-    crash = run(steptools.readme_command(README_CRASH, ["--dump-ranks", "ranks"]), cwd=folder)
+    first = run(steptools.readme_command(README_FIRST, ["--keep-snapshots"]), cwd=folder,
+                timeout=steptools.LAUNCH_TIMEOUT_S)
+    crash = run(steptools.readme_command(README_CRASH, ["--dump-ranks", "ranks"]), cwd=folder,
+                timeout=steptools.LAUNCH_TIMEOUT_S)
     return folder, first.stdout, crash.stdout + crash.stderr
 
 
@@ -102,7 +104,7 @@ def test_two_nodes_resume_from_rank_0s_snapshot_and_restart_together(tmp_path, r
     results = start_nodes(nodes, ["tools/faults.py", "--crash-at-epoch", 3, "--rank", 1,
                                   "--once-file", tmp_path / "crashed", "03_multigpu_torchrun.py",
                                   "--max_epochs", 4, "--save_every", 1, "--timeout_min", 2],
-                          extra=["--max-restarts", 1])
+                          extra=["--max-restarts", 1], timeout=steptools.LAUNCH_TIMEOUT_S)
     assert [r.returncode for r in results] == [0, 0], [r.stdout + r.stderr for r in results]
     everything = "".join(r.stdout + r.stderr for r in results)
     rank0_node = node_of_rank0(results)
@@ -125,7 +127,8 @@ def test_nodes_that_pick_different_backends_stop_in_one_line(tmp_path):
     for node in nodes:
         node.mkdir()
     results = start_nodes(nodes, ["tools/faults.py", "--other-backend", "nccl",
-                                  "03_multigpu_torchrun.py", "--timeout_min", 1], timeout=120)
+                                  "03_multigpu_torchrun.py", "--timeout_min", 1],
+                          timeout=steptools.LAUNCH_TIMEOUT_S)
     for result in results:
         assert result.returncode != 0
         errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]

@@ -45,25 +45,25 @@ pytestmark = pytest.mark.timeout(420)
 
 
 def cannot_run(reason):
-    """Skip the Slurm tests, or with REQUIRE_SLURM=1 fail them: CI must not pass what it never ran.
-    """
+    """Skip the Slurm tests, or with REQUIRE_SLURM=1 fail them: CI must not pass what never ran."""
     if REQUIRED:
         pytest.fail(f"REQUIRE_SLURM=1, but {reason}", pytrace=False)
     pytest.skip(reason)
 
 
 def three_free_ports() -> int:
-    """A port P such that P, P+1 and P+2 are free: slurmctld and the two slurmd daemons."""
+    """A port P such that P, P+1 and P+2 are free now: slurmctld and the two slurmd daemons. (Not
+    free_port(): the cluster fixture, not run(), starts the cluster again after a clash.)"""
     for _ in range(50):
-        base = free_port()
-        if base + 2 > 65535:
-            continue
         try:
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                base = s.getsockname()[1]
             for port in (base + 1, base + 2):
                 with socket.socket() as s:
                     s.bind(("127.0.0.1", port))
             return base
-        except OSError:
+        except OSError:  # (base + 2 past 65535 included)
             continue
     raise AssertionError("found no three consecutive free ports")
 
@@ -96,6 +96,11 @@ def cluster(tmp_path_factory):
     pids = {}
     try:
         proc = run(["bash", CLUSTER, "start"], cwd=REPO, env=env, timeout=360, check=False)
+        if proc.returncode == 1 and PORT_CLASH.search(proc.stderr):  # taken since we chose them
+            note("port retries", f"local Slurm cluster on {env['SLURM_LOCAL_PORT']}: {proc.stderr}")
+            run(["bash", CLUSTER, "stop"], cwd=REPO, env=env, timeout=120, check=False)
+            env["SLURM_LOCAL_PORT"] = str(three_free_ports())
+            proc = run(["bash", CLUSTER, "start"], cwd=REPO, env=env, timeout=360, check=False)
         pids = daemon_pids(state)
         if proc.returncode == 3:
             cannot_run(f"Slurm could not be installed: {proc.stderr.strip().splitlines()[-1]}")

@@ -89,7 +89,7 @@ def measure(nodes: int, restarts: int, store: str, folder: Path) -> dict:
     procs = [subprocess.Popen([str(c) for c in cmd], env=env, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True, start_new_session=True)
              for cmd in cmds]
-    deadline, output, hung = time.monotonic() + 60 + 30 * restarts, "", False
+    deadline, output, hung = time.monotonic() + 60 + 60 * restarts, "", False
     for p in procs:
         try:
             output += p.communicate(timeout=max(1, deadline - time.monotonic()))[0]
