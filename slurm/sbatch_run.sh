@@ -21,7 +21,8 @@
 # at least NPROC_PER_NODE on CPU nodes; on GPU nodes give it several per GPU (e.g. 32 for 8 GPUs).
 #SBATCH --cpus-per-task=2
 # GPUs per node. Off by default, so the script also runs on CPU-only clusters (and on
-# slurm/local_cluster.sh); on a GPU cluster delete one '#' below or pass --gpus-per-node=8 to sbatch.
+# slurm/local_cluster.sh); on a GPU cluster ask for them on the command line,
+# `sbatch --gpus-per-node 8 slurm/sbatch_run.sh`, or delete one '#' below.
 ##SBATCH --gpus-per-node=8
 # Wall-clock limit: Slurm ends the job after this long (hours:minutes:seconds).
 #SBATCH --time=01:00:00
@@ -116,6 +117,8 @@ echo "job $SLURM_JOB_ID | nodes $SLURM_JOB_NODELIST ($SLURM_JOB_NUM_NODES) | ren
 # srun starts one task per node (the torchrun line below) on all the job's nodes at once.
 #   --cpus-per-task: srun does not take it from sbatch by itself (Slurm 22.05 and later)
 #   --kill-on-bad-exit=1: if one node's torchrun fails, end the others instead of letting them wait
+#   --gpus-per-node: the GPUs you asked sbatch for (sbatch --gpus-per-node N), handed on to the step
+#     explicitly (only when you asked: SLURM_GPUS_PER_NODE is unset otherwise)
 # torchrun:
 #   --nnodes: how many torchruns must meet before training starts
 #   --rdzv-backend c10d: the rendezvous is a small key-value store that the torchrun on the
@@ -123,7 +126,7 @@ echo "job $SLURM_JOB_ID | nodes $SLURM_JOB_NODELIST ($SLURM_JOB_NUM_NODES) | ren
 #   --local-addr: the address this node's torchrun gives the others (only where set)
 # "$@": the arguments you gave after the script's name on the sbatch line.
 srun --ntasks="$SLURM_JOB_NUM_NODES" --ntasks-per-node=1 --cpus-per-task="${SLURM_CPUS_PER_TASK:-1}" \
-     --kill-on-bad-exit=1 \
+     --kill-on-bad-exit=1 ${SLURM_GPUS_PER_NODE:+--gpus-per-node="$SLURM_GPUS_PER_NODE"} \
     torchrun --nnodes "$SLURM_JOB_NUM_NODES" --nproc-per-node "$NPROC" \
         --rdzv-backend c10d --rdzv-endpoint "$RDZV_HOST:$RDZV_PORT" --rdzv-id "$SLURM_JOB_ID" \
         ${LOCAL_ADDR:+--local-addr "$LOCAL_ADDR"} --max-restarts "${MAX_RESTARTS:-0}" \
