@@ -160,7 +160,7 @@ def parse_args(argv=None):
     parser.add_argument("--dataset_size", type=int, default=4096, help="samples (default: 4096)")
     parser.add_argument("--snapshot_path", default="snapshot.pt", help="saved, and resumed from")
     parser.add_argument("--log_file", default=None, help="append a JSON line per epoch (for plots)")
-    parser.add_argument("--timeout_min", type=float, default=10, help="wait for a slow rank (min.)")
+    parser.add_argument("--timeout_min", type=float, default=10, help="minutes before a hang fails")
     return check_args(parser, parser.parse_args(argv))
 
 

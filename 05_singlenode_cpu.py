@@ -208,7 +208,7 @@ def parse_args(argv=None):
     parser.add_argument("--cpu", action="store_true", help="the CPU and Gloo, even with GPUs")
     parser.add_argument("--threads", type=int, default=None,
                         help="threads per process on the CPU (default: usable cores / processes)")
-    parser.add_argument("--timeout_min", type=float, default=10, help="wait for a slow rank (min.)")
+    parser.add_argument("--timeout_min", type=float, default=10, help="minutes before a hang fails")
     return check_args(parser, parser.parse_args(argv))
 
 
