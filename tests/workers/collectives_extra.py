@@ -8,19 +8,17 @@ Each rank saves its results to extra_<rank>.pt in the working directory.
 
     torchrun --standalone --nproc-per-node 3 tests/workers/collectives_extra.py [step 04's args]
 """
-import importlib.util
 import sys
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-REPO = Path(__file__).resolve().parents[2]
-SIZES = [1, 2, 5, 7, 1001, 12345]
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tools"))
+from faults import load_step  # noqa: E402  (the one loader of a step script)
 
-spec = importlib.util.spec_from_file_location("step04", REPO / "04_collectives_intro.py")
-step04 = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(step04)
+SIZES = [1, 2, 5, 7, 1001, 12345]
+step04 = load_step("04_collectives_intro.py")
 
 
 def extra_checks():
