@@ -74,6 +74,16 @@ def plan(m: machine.Machine, what: str, on_cpu: bool = False) -> list:
     raise ValueError(f"what: 'tour' or 'gpu-check', not {what!r}")
 
 
+def shared_batches(n: int) -> tuple:
+    """gpt2_train_cfg.yaml's micro-batches (a fixed global batch) are shared among the ranks; where
+    n ranks cannot share them evenly (3, 6, 12 GPUs): their count rounded up to a multiple of n."""
+    from omegaconf import OmegaConf
+    micro_batches = OmegaConf.load(REPO / GPT2_CFG).trainer.grad_accum_steps
+    if micro_batches % n == 0:
+        return ()
+    return (f"trainer.grad_accum_steps={n * -(-micro_batches // n)}",)
+
+
 def torchrun(n: int, *extra) -> tuple:
     return ("torchrun", "--standalone", *extra, "--nproc-per-node", str(n))
 
@@ -140,7 +150,9 @@ def tour(m: machine.Machine, d: machine.Machine, sim: tuple) -> list:
         Step("mingpt", "minGPT-ddp: train a small GPT",
              (*torchrun(n), "minGPT-ddp/main.py", "trainer.max_iters=200",
               "trainer.eval_interval=100", "trainer.snapshot_path=mingpt.pt",
-              "trainer.log_file=mingpt.jsonl", *sim),
+              "trainer.log_file=mingpt.jsonl",
+              *(shared_batches(n) if machine.mingpt_config(m, n) == "gpt2_train_cfg.yaml" else ()),
+              *sim),
              "mingpt", n, (device_text(d, n), f"minGPT-ddp/{machine.mingpt_config(d, n)} |",
                            "Finished training: steps 0-200"),
              timeout_s=600, log_file="mingpt.jsonl"),
@@ -163,7 +175,7 @@ def gpu_check(m: machine.Machine, d: machine.Machine, sim: tuple) -> list:
     # and resumed run compare bit for bit; 4 validation batches per rank (FSDP needs equal shares).
     fsdp = ("config=" + GPT2_CFG, "trainer.strategy=fsdp", "trainer.dtype=float16",
             "trainer.deterministic=true", "trainer.max_iters=40", "trainer.eval_interval=20",
-            f"trainer.eval_iters={4 * g}", "trainer.log_interval=10")
+            f"trainer.eval_iters={4 * g}", "trainer.log_interval=10", *shared_batches(g))
     return [
         # At optimizer step 5 of the first epoch (15 steps on 8 GPUs, 8 on 16), the last rank's loss
         # becomes inf (tools/faults.py): every rank must skip that step and halve the scale.
@@ -190,7 +202,7 @@ def gpu_check(m: machine.Machine, d: machine.Machine, sim: tuple) -> list:
         Step("bench", "minGPT-ddp, DDP, dtype auto, compiled: tokens/s, MFU",
              ("python", "minGPT-ddp/bench.py", "--nproc", str(g), "--iters", "40", "--warmup", "10",
               "--windows", "4", "--log_file", "bench.jsonl", "config=" + GPT2_CFG,
-              "trainer.compile=true", *sim),
+              "trainer.compile=true", *shared_batches(g), *sim),
              "bench", g, ("tok/s",), timeout_s=600, log_file="bench.jsonl",
              record=(("device", machine.device_type(d, g)), ("world_size", g),
                      ("dtype", dtype_name(machine.amp_dtype(d, on_gpus))), ("compile", True))),
