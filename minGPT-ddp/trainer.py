@@ -110,6 +110,12 @@ def check_setup(cfg: TrainerConfig, rt: ddp_setup.Runtime):
                            "ranks cannot share them evenly; make trainer.grad_accum_steps a "
                            f"multiple of {rt.world_size} (and trainer.batch_size smaller, for the "
                            "same global batch)")
+    if (cfg.static_graph and rt.distributed and cfg.strategy in ("ddp", "zero1")
+            and micro_steps_per_rank(cfg, rt.world_size) > 1):
+        raise config_error("trainer.static_graph=true cannot accumulate gradients: DDP stops with "
+                           "an internal assert in backward under no_sync() "
+                           "(pytorch/pytorch#143580); use trainer.static_graph=false, or 1 "
+                           "micro-step per rank")
     if cfg.comm_hook == "bf16" and rt.backend not in ("nccl", "xccl"):
         raise config_error(f"trainer.comm_hook=bf16 needs NCCL or XCCL (PyTorch's "
                            f"bf16_compress_hook), not {rt.backend or 'one process'}; use "

@@ -54,6 +54,12 @@ TWO_RANKS = {
     "fsdp_zero2": [f"{S}=fsdp", f"{A}=2", "trainer.reshard_after_forward=false"],
     # 4 micro-batches shared by the ranks: 2 each
     "ddp_global_batch": [f"{S}=ddp", f"{A}=4", "trainer.fixed_global_batch=true"],
+    # DDP's levers (README, "Making DDP fast")
+    "ddp_small_buckets": [f"{S}=ddp", f"{A}=2", "trainer.bucket_cap_mb=0.03"],
+    # (static_graph cannot accumulate: pytorch/pytorch#143580, refused in one line)
+    "ddp_static_graph": [f"{S}=ddp", f"{B}=16", "trainer.static_graph=true",
+                         "trainer.gradient_as_bucket_view=false"],
+    "ddp_fp16_hook": [f"{S}=ddp", f"{A}=2", "trainer.comm_hook=fp16"],
     # each resumes at step 5 a snapshot that another strategy wrote
     "zero1_from_fsdp": [f"{S}=zero1", f"{A}=2", "resume_from=fsdp@5"],
     "fsdp_from_zero1": [f"{S}=fsdp", f"{A}=2", "resume_from=zero1@5"],
@@ -131,6 +137,7 @@ def assert_same_training(a: dict, b: dict, weights_tol=0.0, moments_tol=0.0):
 @pytest.mark.parametrize("name, reference", [
     ("handmade_a1", "ddp_a1"), ("fsdp_a1", "ddp_a1"), ("handmade", "ddp"), ("zero1", "ddp"),
     ("fsdp", "ddp"), ("fsdp_zero2", "ddp"), ("ddp_global_batch", "ddp"),
+    ("ddp_small_buckets", "ddp"), ("ddp_static_graph", "ddp_a1"),
 ])
 def test_every_strategy_trains_the_same_model_on_two_ranks(two, name, reference):
     """Bit-identical weights and AdamW moments (tolerance 0: see the module's docstring)."""
@@ -192,6 +199,18 @@ def test_accumulation_sends_once_per_step(two):
     assert counts["fsdp_zero2"] == {"all_gather": 2 * units, "reduce_scatter": units}
     # ZeRO-1: each rank sends the weights it stepped
     assert counts["zero1"] == {"all_reduce": 1, "broadcast": 2}
+    assert counts["ddp_small_buckets"] == {"all_reduce": 4}  # trainer.bucket_cap_mb reaches DDP
+
+
+def test_a_compression_hook_sends_half_the_bytes_and_changes_the_result_a_little(two):
+    """trainer.comm_hook=fp16: each bucket is cast to float16, all-reduced, cast back. Half the
+    bytes; the gradients lose their last bits (float16 keeps 11 of float32's 24), so the moments
+    move, by 1e-3 of their size or so here: not bit-identical, hence not a default."""
+    sent = {name: report(two, name)["collectives"]["bytes_sent"]
+            for name in ("ddp", "ddp_fp16_hook")}
+    assert sent["ddp_fp16_hook"] == sent["ddp"] / 2
+    difference = moments_difference(snapshot(two, "ddp_fp16_hook"), snapshot(two, "ddp"))
+    assert 0 < difference < 2e-2
 
 
 def test_zero1_and_fsdp_hold_half_the_adamw_state_per_rank(two):

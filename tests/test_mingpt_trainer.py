@@ -109,8 +109,11 @@ def test_dtype_auto_on_faked_machines(mg, monkeypatch, machine_kw, device, expec
      "among the ranks: 3 ranks cannot share them evenly; make trainer.grad_accum_steps a "
      "multiple of 3"),
     (["trainer.comm_hook=bf16"], 2, "gloo", "error: trainer.comm_hook=bf16 needs NCCL or XCCL"),
+    (["trainer.static_graph=true", "trainer.grad_accum_steps=2"], 2, "gloo",
+     "error: trainer.static_graph=true cannot accumulate gradients: DDP stops with an "
+     "internal assert in backward under no_sync() (pytorch/pytorch#143580)"),
 ], ids=["fsdp-one-process", "zero1-one-process", "fsdp-eval-iters", "global-batch",
-        "bf16-hook-gloo"])
+        "bf16-hook-gloo", "static-graph-accumulation"])
 def test_setups_this_world_cannot_run(mg, capsys, overrides, world_size, backend, expected):
     """main.py checks these on every rank as the process group starts (trainer.check_setup)."""
     rt = mg.ddp_setup.Runtime(0, 0, world_size, torch.device("cpu"), backend)
