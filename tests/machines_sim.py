@@ -22,8 +22,6 @@ from conftest import REPO, free_port
 sys.path.insert(0, str(REPO / "tools"))
 import plan  # noqa: E402
 
-# torch.compile's kernels, kept between sessions: compiling minGPT for a CPU takes minutes at first.
-INDUCTOR_CACHE = REPO / "runs" / "inductor-cache"
 
 
 class Simulation:
@@ -58,9 +56,11 @@ class Simulation:
     def env() -> dict:
         # MASTER_PORT: mp.spawn's rank 0 listens there (steps 02, 04): a free one, as elsewhere.
         # OMP_NUM_THREADS=1: a single process would spin a thread per core, taking the other
-        # folder's core (the multi-process steps use one thread each anyway).
+        # folder's core (the multi-process steps use one thread each anyway). torch.compile keeps
+        # its kernels in its own cache (/tmp/torchinductor_USER), between sessions and clones:
+        # compiling minGPT for the CPU takes minutes the first time, seconds after.
         return {**os.environ, **plan.CPU_SWITCH, "MASTER_PORT": str(free_port()),
-                "OMP_NUM_THREADS": "1", "TORCHINDUCTOR_CACHE_DIR": str(INDUCTOR_CACHE)}
+                "OMP_NUM_THREADS": "1"}
 
 
 @pytest.fixture(scope="session")
