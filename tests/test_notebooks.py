@@ -33,28 +33,40 @@ def test_there_are_notebooks():
     assert len(NOTEBOOKS) >= 4, [p.name for p in NOTEBOOKS]
 
 
+def figure_problems(run) -> list:
+    """What is wrong with the figures an executed notebook drew: none drawn, any under MIN_DPI, any
+    text under MIN_FONT_PT (measured by conftest's probe as each figure was shown)."""
+    outputs = [o for cell in run.nb.cells if cell.cell_type == "code" for o in cell.outputs]
+    figures = [base64.b64decode(o["data"]["image/png"]) for o in outputs
+               if "image/png" in o.get("data", {})]
+    if not figures:
+        return ["no figure"]
+    assert len(run.font_sizes) == len(figures), (run.font_sizes, len(figures))  # probe saw each
+    # (the PNG stores dots per metre: 110 dpi comes back as 109.9998)
+    low = [dpi and round(dpi) for dpi in map(png_dpi, figures) if dpi is None or dpi < MIN_DPI - 0.5]
+    small = [size for size in run.font_sizes if size is not None and size < MIN_FONT_PT]
+    return ([f"figures at {low} dpi, below {MIN_DPI}"] if low else []) + (
+        [f"text of {small} pt, below {MIN_FONT_PT} pt"] if small else [])
+
+
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
 def test_notebook_runs_and_draws(path, executed_notebook):
     run = executed_notebook(path.name)  # a failing cell or assert fails here, with its traceback
-    outputs = [o for cell in run.nb.cells if cell.cell_type == "code" for o in cell.outputs]
-    figures = [
-        base64.b64decode(o["data"]["image/png"])
-        for o in outputs
-        if "image/png" in o.get("data", {})
-    ]
-    assert figures, f"{path.name} drew no figure"
-    low = [dpi for dpi in map(png_dpi, figures) if dpi is None or dpi < MIN_DPI - 0.5]
-    assert not low, f"{path.name}: figures at {low} dpi, below {MIN_DPI}"
-    assert len(run.font_sizes) == len(figures), (
-        run.font_sizes,
-        len(figures),
-    )  # the probe saw every figure
-    small = [size for size in run.font_sizes if size is not None and size < MIN_FONT_PT]
-    assert not small, f"{path.name}: text of {small} pt in its figures, below {MIN_FONT_PT} pt"
-    # Running it left nothing behind in the repository's notebooks/ folder (scratch goes to a temp
-    # dir).
+    assert not figure_problems(run), (path.name, figure_problems(run))
+    # Running it left nothing behind in notebooks/ (scratch goes to a temporary folder).
     assert not run.left_behind
-    print(f"{path.name}: {run.seconds:.1f} s, {len(figures)} figure(s)")
+    print(f"{path.name}: {run.seconds:.1f} s")
+
+
+def test_the_figure_checks_can_fail(executed_notebook, tmp_path):
+    """A notebook that draws without nbutils.setup_plots (matplotlib's 100 dpi) and an 8-pt title,
+    run as the notebooks are: both problems are found."""
+    path = tmp_path / "small_print.ipynb"
+    nbformat.write(nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(
+        "import matplotlib.pyplot as plt\nfig, ax = plt.subplots()\nax.plot([0, 1])\n"
+        "ax.set_title('small print', fontsize=8)\nplt.show()")]), path)
+    assert figure_problems(executed_notebook(str(path))) == [
+        "figures at [100] dpi, below 110", "text of [8.0] pt, below 11 pt"]
 
 
 # What must never be in a committed output: paths of the machine that ran it (the repository, the
