@@ -56,7 +56,7 @@ def marked(kind: str):
                 yield pytest.param(block, id=f"{readme.relative_to(REPO)}#{number}:{first}")
 
 
-@pytest.mark.parametrize("block", marked("tested by "))
+@pytest.mark.parametrize("block", list(marked("tested by ")))
 def test_block_is_what_its_test_runs(block):
     module = importlib.import_module(Path(block["marker"].split()[-1]).stem)
     run_there = {value for name, value in vars(module).items()
@@ -65,7 +65,7 @@ def test_block_is_what_its_test_runs(block):
         assert command in run_there, f"{block['marker']} does not run: {command}"
 
 
-@pytest.mark.parametrize("block", marked("tested: "))
+@pytest.mark.parametrize("block", list(marked("tested: ")))
 def test_block_runs_as_written(tmp_path, block):
     for entry in REPO.iterdir():  # the README's folder, with nothing written into it
         if entry.name not in (".git", ".venv", "runs"):
