@@ -147,6 +147,7 @@ def main(args):
     trainer = Trainer(model, train_data, optimizer, device, args.save_every,
                       args.snapshot_path, args.log_file)
     trainer.train(args.max_epochs)
+    del trainer  # DDP holds the group: drop it first, so that destroying it ends Gloo's threads
     dist.destroy_process_group()
 
 

@@ -32,6 +32,7 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+import torch.distributed.nn  # noqa: F401  before init_process_group: see main()'s end
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -355,9 +356,10 @@ def main(args):
     left = len(DEMOS) - len(args.demo)
     say(f"Done: {len(args.demo)} of {len(DEMOS)} demos on world_size {dist.get_world_size()}"
         + (f" (the other {left}: --demo all, or --demo NAME)" if left else ""))
-    # Every rank waits here until all are done: Gloo's threads finish with the last collective
-    # before Python shuts down (the exit abort: TROUBLESHOOTING.md).
-    dist.barrier()
+    dist.barrier()  # every rank leaves together
+    # Nothing else may hold the group now (manual_ddp's DDP model is gone; torch.distributed.nn,
+    # imported before init, does not pin it), so destroying it ends Gloo's threads: one still
+    # running at Python's exit can abort a finished run (TROUBLESHOOTING.md, "Aborted at exit").
     dist.destroy_process_group()
 
 

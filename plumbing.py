@@ -9,7 +9,13 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+import torch.distributed.nn  # noqa: F401  before any process group: see the note below
 from torch.utils.data import Dataset
+
+# Imported first after init_process_group (DDP's constructor does, through torch._dynamo),
+# torch.distributed.nn's functions keep the default group in their default arguments for good:
+# destroy_process_group() then leaves Gloo's threads running into Python's exit, where one may
+# abort the process after a finished run (TROUBLESHOOTING.md, "Aborted at exit").
 
 
 class RegressionDataset(Dataset):

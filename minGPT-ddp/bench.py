@@ -214,9 +214,9 @@ def measure(args, overrides):
                      f"model) | sends {mb(m['sent_bytes'])} per step")
         if rt.is_main:
             print(RESULT_PREFIX + json.dumps(result), flush=True)
-        time.sleep(0.1)  # let Gloo's thread finish: a teardown meanwhile can deadlock (main.py)
         return result
     finally:
+        trainer = model = None  # they hold the process group: let go first (ddp_setup.stop)
         ddp_setup.stop(rt)
 
 
@@ -301,8 +301,8 @@ def measure_levers(args, overrides):
                 "device": rt.device.type, "backend": rt.backend, "world_size": rt.world_size,
                 "threads_per_rank": torch.get_num_threads() if rt.device.type == "cpu" else None,
                 "params": runs[1]["trainer"].raw_model.num_params(), "levers": rows}), flush=True)
-        time.sleep(0.1)  # let Gloo's thread finish: a teardown meanwhile can deadlock (main.py)
     finally:
+        runs = r = None  # the models hold the process group: let go of them first (ddp_setup.stop)
         ddp_setup.stop(rt)
 
 

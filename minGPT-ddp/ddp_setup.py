@@ -15,6 +15,7 @@ from typing import Optional
 
 import torch
 import torch.distributed as dist
+import torch.distributed.nn  # noqa: F401  before init_process_group: see stop()
 
 import machine
 
@@ -154,14 +155,18 @@ def store_for_this_attempt(timeout: timedelta) -> dist.Store:
 
 
 def stop(rt: Runtime):
-    """Tear the process group down; called from a `finally:`, so also when this rank is failing."""
+    """Tear the process group down; called from a `finally:`, so also when this rank is failing.
+
+    The caller drops its model first (DDP and FSDP hold the group), and torch.distributed.nn is
+    imported above, before any group exists (imported later, its functions keep the default
+    group in their default arguments). Then nothing else holds the group, and destroying it
+    joins Gloo's worker threads while Python is fully alive. One still running at exit can
+    abort a finished run (tools/exit_abort/FINDINGS.md); one that must give its last tensor
+    back to a model being deleted can deadlock.
+    """
     if rt.distributed and dist.is_initialized():
         if sys.exc_info()[0] is None:  # a failing rank must not wait for peers that may be gone
-            # Wait for every rank before tearing down. While a rank waits here, Gloo's threads finish with its
-            # last collective; a thread still holding one of our tensors when Python shuts down aborts the
-            # process ("terminate called without an active exception": a PyTorch bug at exit, see the
-            # README's troubleshooting).
-            dist.barrier()
+            dist.barrier()  # every rank leaves together
         dist.destroy_process_group()
 
 

@@ -7,7 +7,6 @@ any machine). Snapshots go to trainer.snapshot_path; continue a run with trainer
 (or auto: resume if the snapshot exists). Metrics: JSON lines in trainer.log_file.
 """
 import sys
-import time
 from dataclasses import asdict
 from datetime import timedelta
 from typing import Optional
@@ -145,10 +144,8 @@ def main(args: list):
         saved = f" | snapshot {tcfg.snapshot_path}" if tcfg.snapshot_path else ""
         rt.print(f"Finished training: steps {first_step}-{trainer.step} | val loss {trainer.last_val_loss:.4f} | "
                  f"{trainer.elapsed_s:.1f} s{saved}")
-        # Gloo's worker thread frees the last collectives' tensors after they complete, and needs the GIL to do
-        # it; tearing the group down in the meantime can deadlock (1 run in 10 of bench.py on 2 ranks did).
-        time.sleep(0.1)
     finally:
+        trainer = None  # the model holds the process group: let go of it first (ddp_setup.stop)
         ddp_setup.stop(rt)
 
 
