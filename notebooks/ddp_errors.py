@@ -157,7 +157,7 @@ def worker(rank, args, port=None, started=None):
         faulthandler.register(signal.SIGUSR1, file=stack_file, all_threads=True)
 
     def say(message):
-        print(f"[cpu:{rank}] {message}")
+        print(f"[cpu rank {rank}] {message}")
 
     torch.set_num_threads(1)
     if port is not None:

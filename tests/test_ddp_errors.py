@@ -22,7 +22,7 @@ SLOW_S = 60
 
 
 def tag(rank) -> str:
-    return f"[cpu:{rank}]"
+    return f"[cpu rank {rank}]"
 
 
 @pytest.fixture(scope="module")

@@ -69,7 +69,7 @@ def test_show_stacks_names_the_line_each_rank_waits_on(tmp_path):
     assert f"[cpu rank 1] waits in barrier(), called at line {BARRIER} in worker(): dist.barrier()" in out
     # Seen while they waited: the timeout ended both ranks after the stacks were printed.
     for rank in (0, 1):
-        assert out.index(f"[cpu rank {rank}] waits in") < out.index(f"[cpu:{rank}] RuntimeError after"), out
+        assert out.index(f"[cpu rank {rank}] waits in") < out.index(f"[cpu rank {rank}] RuntimeError after"), out
     assert "ddp_errors: exit codes rank 0 1, rank 1 1" in out
 
 
