@@ -35,6 +35,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch.distributed.elastic.multiprocessing.errors import record
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -173,6 +174,7 @@ def prepare(args):
     return step
 
 
+@record  # under torchrun: a rank's exception goes to its error file, so into torchrun's report
 def main():
     args = parse(sys.argv[1:])
     step = prepare(args)
