@@ -337,13 +337,7 @@ def launch(nproc: int, threads, args, overrides, torchrun: bool = False, mode: t
                          f"{args.timeout:g} s; stopped")
     results = [json.loads(line[len(RESULT_PREFIX):]) for line in done.stdout.splitlines()
                if line.startswith(RESULT_PREFIX)]
-    # A PyTorch bug (README, troubleshooting) can abort a Gloo process at exit after it has
-    # printed its result.
-    aborted_at_exit = "terminate called without an active exception" in done.stderr
-    if done.returncode != 0 and results and aborted_at_exit:
-        print(f"(the {nproc}-rank run aborted at exit after reporting, a PyTorch bug at exit; "
-              "its result stands)")
-    elif done.returncode != 0 or not results:
+    if done.returncode != 0 or not results:
         errors = ([line for line in done.stderr.splitlines() if "error" in line.lower()]
                   or done.stderr.splitlines())
         raise SystemExit(f"error: the {nproc}-rank benchmark failed (exit {done.returncode}): "

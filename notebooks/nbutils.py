@@ -9,7 +9,6 @@ directory that is removed when the kernel exits, so running a notebook leaves th
 import atexit
 import json
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -116,29 +115,6 @@ def torchrun_cmd(nproc: int, script, *args) -> list:
     ]
 
 
-# A PyTorch bug at interpreter exit (the README's troubleshooting has it): a Gloo thread
-# can abort a process (SIGABRT) after it has finished its work and written its files.
-# The same rule as the tests' (tests/conftest.py, aborted_only_at_exit), with the last line given.
-EXIT_ABORT = "terminate called without an active exception"
-EXIT_ABORT_NOTE = "(a process aborted at exit after it had finished: the PyTorch/Gloo exit bug"
-
-
-def aborted_after_finishing(proc, finished: str) -> bool:
-    """True for that crash alone: the run printed `finished`, and every process that failed was
-    aborted by it (exit code -6, SIGABRT) or stopped because of it: torchrun's last report lists
-    only -6 and -15 (SIGTERM), or mp.spawn says 'terminated with signal SIGABRT' and no process
-    raised an error."""
-    codes = set(
-        re.findall(r"exitcode\s*:\s*(-?\d+)", proc.stderr.rsplit("ChildFailedError", 1)[-1])
-    )
-    by_torchrun = "ChildFailedError" in proc.stderr and "-6" in codes and codes <= {"-6", "-15"}
-    by_spawn = (
-        re.search(r"process \d+ terminated with signal SIGABRT", proc.stderr) is not None
-        and "terminated with the following error" not in proc.stderr
-    )
-    return EXIT_ABORT in proc.stderr and finished in proc.stdout and (by_torchrun or by_spawn)
-
-
 def run(
     cmd,
     timeout: int = 300,
@@ -146,12 +122,10 @@ def run(
     env=None,
     cwd=None,
     check: bool = True,
-    finished: str = "Finished training",
 ) -> subprocess.CompletedProcess:
     """Run a command to completion in SCRATCH (or cwd); print its last `show` lines of output. A
     failure raises with the output's tail, so the notebook cell (and the test running it) fails;
-    check=False returns it instead, for a command that is meant to fail. The one failure accepted:
-    the exit abort above, after the run printed `finished` (it says so). Past `timeout` seconds the
+    check=False returns it instead, for a command that is meant to fail. Past `timeout` seconds the
     command and every process it started are ended, and the cell fails."""
     cmd = [str(c) for c in cmd]
     proc = _proc.run(cmd, cwd=cwd or SCRATCH, env=env or worker_env(), timeout=timeout)
@@ -160,9 +134,7 @@ def run(
             f"still running after {timeout} s, stopped: {' '.join(cmd)}\n"
             f"--- stdout ---\n{proc.stdout[-3000:]}\n--- stderr ---\n{proc.stderr[-3000:]}"
         )
-    if check and proc.returncode != 0 and aborted_after_finishing(proc, finished):
-        print(f"  {EXIT_ABORT_NOTE} in the README's troubleshooting; its results are complete)")
-    elif check and proc.returncode != 0:
+    if check and proc.returncode != 0:
         raise RuntimeError(
             f"exit code {proc.returncode}: {' '.join(cmd)}\n--- stdout ---\n{proc.stdout[-3000:]}"
             f"\n--- stderr ---\n{proc.stderr[-3000:]}"

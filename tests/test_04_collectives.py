@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import steptools
-from conftest import REPO, load_script, run
+from conftest import REPO, exit_checked_env, load_script, run
 
 README_COMMAND = "torchrun --standalone --nproc-per-node 3 04_collectives_intro.py --demo all"
 SMALL = ["--bench_mb", "0.25", "--bench_iters", "2", "--manual_steps", "3"]
@@ -40,7 +40,7 @@ def readme_run(tmp_path_factory):
     cmd = [sys.executable, "-m", "torch.distributed.run", *words[1:-3], worker, *words[-2:],
            *SMALL, "--log_file", "collectives.jsonl"]
     assert words[-3] == "04_collectives_intro.py"
-    done = run(cmd, cwd=folder, timeout=steptools.LAUNCH_TIMEOUT_S)
+    done = run(cmd, cwd=folder, timeout=steptools.LAUNCH_TIMEOUT_S, env=exit_checked_env())
     records = {}
     for line in (folder / "collectives.jsonl").read_text().splitlines():
         record = json.loads(line)

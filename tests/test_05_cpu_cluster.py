@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import steptools
-from conftest import load_script, run
+from conftest import exit_checked_env, load_script, run
 
 README_COMMAND = "torchrun --standalone --nproc-per-node 2 05_singlenode_cpu.py --max_epochs 3"
 SETTINGS = {"dataset_size": 4106}  # 411 validation samples: 206 on rank 0, 205 on rank 1
@@ -35,7 +35,8 @@ def readme_run(tmp_path_factory):
     done = run(steptools.readme_command(
         README_COMMAND, ["--crash-at-epoch", 1, "--dump-ranks", "ranks"],
         ["--dataset_size", SETTINGS["dataset_size"], "--save_every", 1, "--log_file", "05.jsonl"],
-        torchrun_options=["--max-restarts", 1]), cwd=folder, timeout=steptools.LAUNCH_TIMEOUT_S)
+        torchrun_options=["--max-restarts", 1]), cwd=folder, timeout=steptools.LAUNCH_TIMEOUT_S,
+        env=exit_checked_env())  # no Gloo thread left at exit (conftest)
     records = [json.loads(line) for line in (folder / "05.jsonl").read_text().splitlines()]
     return folder, done.stdout, records
 

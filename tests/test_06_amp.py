@@ -19,7 +19,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader
 
 import steptools
-from conftest import load_script, run
+from conftest import exit_checked_env, load_script, run
 
 README_FP32 = "torchrun --standalone --nproc-per-node 2 06_amp.py --dtype fp32 --max_epochs 3"
 README_FP16 = ("torchrun --standalone --nproc-per-node 2 tools/faults.py --inf-at-step 20 "
@@ -38,7 +38,7 @@ def run_06(folder, line, observe=(), torchrun_options=()):
                                         ["--dataset_size", SETTINGS["dataset_size"],
                                          "--save_every", 1, "--log_file", "06.jsonl"],
                                         torchrun_options), cwd=folder,
-               timeout=steptools.LAUNCH_TIMEOUT_S)
+               timeout=steptools.LAUNCH_TIMEOUT_S, env=exit_checked_env())  # no Gloo thread at exit
     records = [json.loads(line) for line in (folder / "06.jsonl").read_text().splitlines()]
     return folder, done.stdout, records
 

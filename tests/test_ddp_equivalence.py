@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import steptools
-from conftest import load_script, run
+from conftest import exit_checked_env, load_script, run
 
 README_COMMAND = "python 02_multigpu_mp_spawn.py --max_epochs 4"
 TOLERANCE = 1e-6
@@ -31,7 +31,7 @@ def readme_run(tmp_path_factory):
     folder = tmp_path_factory.mktemp("step02")
     done = run(steptools.readme_command(README_COMMAND, ["--dump-ranks", "ranks"],
                                         ["--log_file", "02.jsonl"]), cwd=folder,
-               timeout=steptools.LAUNCH_TIMEOUT_S)
+               timeout=steptools.LAUNCH_TIMEOUT_S, env=exit_checked_env())  # no Gloo thread at exit
     return folder, done.stdout
 
 

@@ -19,7 +19,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader
 
 import steptools
-from conftest import load_script, run, start_nodes
+from conftest import exit_checked_env, load_script, run, start_nodes
 
 README_FIRST = "torchrun --standalone --nproc-per-node 2 03_multigpu_torchrun.py --max_epochs 2 " \
                "--save_every 1"
@@ -38,7 +38,7 @@ def readme_runs(tmp_path_factory):
     """The README's two commands, one after the other in one folder: (folder, their stdouts)."""
     folder = tmp_path_factory.mktemp("step03")
     first = run(steptools.readme_command(README_FIRST, ["--keep-snapshots"]), cwd=folder,
-                timeout=steptools.LAUNCH_TIMEOUT_S)
+                timeout=steptools.LAUNCH_TIMEOUT_S, env=exit_checked_env())  # no Gloo thread at exit
     crash = run(steptools.readme_command(README_CRASH, ["--dump-ranks", "ranks"]), cwd=folder,
                 timeout=steptools.LAUNCH_TIMEOUT_S)
     return folder, first.stdout, crash.stdout + crash.stderr

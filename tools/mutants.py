@@ -76,13 +76,35 @@ with self.gradient_sync(enabled=micro_step == self.accum_steps - 1):"""),
         tests=[T + "test_mingpt_train.py::test_accumulation_sends_once_per_step"],
     ),
     dict(
-        name="no-barrier-at-exit",
-        why="the barrier before teardown removed (what keeps Gloo's exit abort away)",
-        file="minGPT-ddp/ddp_setup.py",
-        find="            dist.barrier()\n        dist.destroy_process_group()",
-        replace="            pass\n        dist.destroy_process_group()",
-        tests=[],
-    ),  # no test claims it yet: the exit-abort fix decides which one can
+        name="mingpt-model-alive-at-teardown",
+        why="main.py keeps the trainer while ddp_setup.stop() destroys the group: Gloo's threads "
+        "outlive it (the exit abort)",
+        file="minGPT-ddp/main.py",
+        find="        trainer = None  # the model holds the process group: let go of it first",
+        replace="        pass  # the model holds the process group: let go of it first",
+        tests=[T + "test_mingpt_train.py::test_killed_and_restarted_run_ends_bit_identical"],
+    ),
+    # ---- the steps' teardown (plumbing.py, step 06) ----------------------------------------------
+    dict(
+        name="late-torch-distributed-nn",
+        why="torch.distributed.nn not imported before init: DDP imports it later and its default "
+        "arguments keep the group, so Gloo's threads outlive destroy_process_group() (exit abort)",
+        file="plumbing.py",
+        find="import torch.distributed.nn  # noqa: F401  before any process group",
+        replace="#",
+        tests=[
+            T + "test_ddp_equivalence.py::test_every_rank_ends_where_one_process_on_the_union_ends"
+        ],
+    ),
+    dict(
+        name="06-model-alive-at-teardown",
+        why="no `del trainer` before destroy_process_group(): DDP keeps the group and Gloo's "
+        "threads (the exit abort)",
+        file="06_amp.py",
+        find="    del trainer  # DDP holds the group: drop it first",
+        replace="    pass  # DDP holds the group: drop it first",
+        tests=[T + "test_06_amp.py::test_fp32_is_step_05_exactly"],
+    ),
     # ---- step 02 ---------------------------------------------------------------------------------
     dict(
         name="02-no-set-epoch",

@@ -252,32 +252,12 @@ def execute(step: Step, root: Path, env: Optional[dict] = None) -> Run:
                done.timed_out)
 
 
-# Gloo can abort a process at interpreter exit after the step finished (README, troubleshooting):
-# C++ says "terminate called without an active exception", torchrun reports exit code -6 (SIGABRT)
-# and stops the others (-15); mp.spawn reports "terminated with signal SIGABRT". Every result was
-# written by then.
-EXIT_ABORT = "terminate called without an active exception"
-FINISHED = re.compile(r"^\[[^\]\n]+\] (Finished training|Done: )", re.MULTILINE)  # rank 0's last
-SPAWN_ABORT = re.compile(r"process \d+ terminated with signal SIGABRT")
-
-
-def aborted_at_exit(run: Run) -> bool:
-    out = run.output
-    if run.returncode == 0 or EXIT_ABORT not in out or not FINISHED.search(out):
-        return False
-    report = out.rsplit("ChildFailedError", 1)[-1] if "ChildFailedError" in out else ""
-    codes = set(re.findall(r"exitcode\s*:\s*(-?\d+)", report))
-    by_torchrun = "-6" in codes and codes <= {"-6", "-15"}
-    by_spawn = bool(SPAWN_ABORT.search(out)) and "terminated with the following error" not in out
-    return by_torchrun or by_spawn
-
-
 def judge(run: Run) -> str:
-    """ "ok", "ok (exit abort)", or what went wrong, in a few words."""
+    """ "ok", or what went wrong, in a few words."""
     step = run.step
     if run.timed_out:
         return f"TIMEOUT ({step.timeout_s} s)"
-    if run.returncode != 0 and not aborted_at_exit(run):
+    if run.returncode != 0:
         return f"FAILED (exit {run.returncode})"
     missing = [text for text in step.expect if text not in run.output]
     if missing:
@@ -289,7 +269,7 @@ def judge(run: Run) -> str:
              if last.get(key) != value]
     if wrong:
         return f"FAILED ({step.log_file}: {wrong[0]})"
-    return "ok" if run.returncode == 0 else "ok (exit abort)"
+    return "ok"
 
 
 def last_record(log: Path) -> dict:

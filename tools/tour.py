@@ -74,12 +74,9 @@ def main(argv=None):
         run = plan.execute(step, root)
         sys.stdout.write(run.output)
         status = plan.judge(run)
-        if status == "ok (exit abort)":
-            print("    note: the step finished, then a Gloo thread aborted the process at exit (a "
-                  "PyTorch bug, see README troubleshooting); its results are complete", flush=True)
-        elif status != "ok":
+        if status != "ok":
             print(f"    {status}", flush=True)
-        ok = status.startswith("ok")
+        ok = status == "ok"
         loss = last_loss(run.folder / step.log_file) if ok and step.log_file else None
         results.append((step.key, step.title, status, run.seconds, loss))
         print(flush=True)

@@ -11,6 +11,9 @@ not 5 ms; the last atexit handler gives the threads their CPUs back and holds th
 Gloo thread that still has a tensor to release then waits for the GIL when the interpreter
 starts finalizing, and takes the process down. A script whose destroy_process_group() joined
 Gloo's threads has none left by then. Linux only.
+
+EXIT_ABORT_STRICT=1 (how the tests use it): a Gloo thread still alive at exit ends the process
+with exit code 86 and one line, every time, instead of the abort now and then.
 """
 import atexit
 import functools
@@ -48,9 +51,18 @@ def starve(before: dict):
 
 
 def run_gloo_threads_late():
-    """The last atexit handler: Gloo's threads run again and wait for the GIL this thread holds."""
+    """The last atexit handler: Gloo's threads run again and wait for the GIL this thread holds.
+    With EXIT_ABORT_STRICT=1 (the tests) a Gloo thread still alive here fails the process at
+    once (exit 86), whether or not it would have aborted: a certain failure, not a race."""
     if not GLOO_THREADS:
         return
+    alive = [tid for tid in GLOO_THREADS if os.path.exists(f"/proc/self/task/{tid}")]
+    if alive and os.environ.get("EXIT_ABORT_STRICT") == "1":
+        print(f"error: {len(alive)} Gloo worker thread(s) still running at exit: something still "
+              f"holds the process group after destroy_process_group() (a DDP model? "
+              f"torch.distributed.nn imported after init? tools/exit_abort/FINDINGS.md)",
+              file=sys.stderr, flush=True)
+        os._exit(86)
     cpus = set(range(os.cpu_count() or 1))
     for tid in GLOO_THREADS:
         try:
