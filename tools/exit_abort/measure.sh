@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # The exit-abort table: each script on 2 processes, N runs, counted by tools/count_aborts.py.
 #
-#   bash tools/exit_abort/measure.sh REPO [natural|starved] [RUNS_06] [RUNS_OTHERS]
+#   bash tools/exit_abort/measure.sh REPO [natural|starved|strict] [RUNS_06] [RUNS_OTHERS]
 #
-# natural: the scripts as they are (issue 16's bar: 200 runs of 06 bf16, 50 of each other one).
+# natural: the scripts as they are (the bar: 200 runs of 06 bf16, 50 of each other one).
 # starved: with starve/sitecustomize.py, which makes a Gloo thread that outlives
-# destroy_process_group() abort the process every time (FINDINGS.md): a few runs tell a
-# repository with the teardown fix from one without. REPO: the checkout to run (another clone of
-# an older commit gives the "before" row). Prints one Markdown table; exit 1 if any run failed.
+# destroy_process_group() and still holds a Python tensor abort the process (FINDINGS.md): a few
+# runs tell a repository with the teardown fix from one without. strict: starved, and a Gloo
+# thread alive at exit fails the run (exit 86, counted as "other") whether or not it would abort.
+# REPO: the checkout to run (a clone of an older commit gives the "before" rows). Prints one
+# Markdown table; exit 1 if any run failed.
 set -u
 here="$(cd "$(dirname "$0")/../.." && pwd)"
 repo="$(cd "${1:?give the repository to run}" && pwd)"
@@ -16,10 +18,11 @@ runs06="${3:-200}"
 runs="${4:-50}"
 python="${PYTHON:-$here/.venv/bin/python}"
 [ -x "$python" ] || python=python3
-if [ "$mode" = starved ]; then
+if [ "$mode" = starved ] || [ "$mode" = strict ]; then
     export PYTHONPATH="$here/tools/exit_abort/starve${PYTHONPATH:+:$PYTHONPATH}"
+    [ "$mode" = strict ] && export EXIT_ABORT_STRICT=1
 elif [ "$mode" != natural ]; then
-    echo "error: mode is natural or starved, not '$mode'" >&2; exit 2
+    echo "error: mode is natural, starved or strict, not '$mode'" >&2; exit 2
 fi
 export OMP_NUM_THREADS=1
 tiny="model.n_layer=2 model.n_head=2 model.n_embd=32 model.block_size=32 trainer.batch_size=8
