@@ -189,9 +189,9 @@ def worker(rank, args, port=None, started=None):
     log(args, rank, time.perf_counter() - start)
     if args.at_end == "barrier":  # with --at_end exit: leave without a word to the others
         dist.destroy_process_group()
-    # Skip the interpreter's shutdown: there, a Gloo thread still letting go of the last
-    # collective's tensor can abort a process that has finished its work (a PyTorch bug, see the
-    # README's troubleshooting); in this demo, that would look like one more error.
+    # Skip the interpreter's shutdown, where a Gloo thread still giving back the last collective's
+    # tensor can abort a process that has finished its work (TROUBLESHOOTING.md, "Aborted at
+    # exit"); in this demo, that would look like one more error.
     sys.stdout.flush()
     os._exit(0)
 
