@@ -325,6 +325,8 @@ def load_script(filename: str):
     """Import a numbered step script (its name starts with a digit, so `import` can't) as a module.
     """
     path = REPO / filename
+    if str(REPO) not in sys.path:  # the steps import plumbing.py from beside them
+        sys.path.insert(0, str(REPO))
     name = "step_" + path.stem
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
@@ -335,7 +337,7 @@ def load_script(filename: str):
 
 # minGPT-ddp's modules have plain names (model, trainer, ...) that another folder's tests
 # may use too: import ours fresh and put back whatever was there afterwards.
-MINGPT_MODULES = ("model", "char_dataset", "config", "trainer", "ddp_setup", "mfu", "snapshot")
+MINGPT_MODULES = tuple(sorted(path.stem for path in (REPO / "minGPT-ddp").glob("*.py")))
 
 
 @pytest.fixture(scope="module")
