@@ -115,7 +115,7 @@ def all_plans(on_cpu=False):
 
 
 def test_the_simulation_changes_only_the_model_size():
-    minGPT_training = ("minGPT-ddp/main.py", "tests/workers/mingpt_faults.py",
+    minGPT_training = ("minGPT-ddp/main.py", "tools/mingpt_faults.py",
                        "minGPT-ddp/bench.py")
     for key, steps in all_plans(on_cpu=True).items():
         planned = all_plans()[key]

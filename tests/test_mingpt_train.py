@@ -261,10 +261,10 @@ def test_float16_clips_the_true_gradients(two):
 @pytest.fixture(scope="module")
 def crashed_and_restarted(tmp_path_factory):
     """The `fsdp` run of TWO_RANKS under main.py, snapshots at steps 5 and 10; rank 1 crashes as
-    step 7 begins (injected from outside: tests/workers/mingpt_faults.py); torchrun restarts both
+    step 7 begins (injected from outside: tools/mingpt_faults.py); torchrun restarts both
     ranks, which resume from step 5 (trainer.resume=auto)."""
     out = tmp_path_factory.mktemp("crash")
-    proc = run(torchrun(2, "tests/workers/mingpt_faults.py", "--crash-at-step", "7", *COMMON,
+    proc = run(torchrun(2, "tools/mingpt_faults.py", "--crash-at-step", "7", *COMMON,
                         *TWO_RANKS["fsdp"], "trainer.resume=auto",
                         f"trainer.snapshot_path={out / 'run.pt'}",
                         f"trainer.log_file={out / 'run.jsonl'}", extra=["--max-restarts", "1"]),

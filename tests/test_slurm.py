@@ -214,7 +214,7 @@ def test_step03_on_two_nodes(cluster, tmp_path):
 def mingpt_job(cluster, tmp_path_factory):
     """minGPT-ddp on two nodes, with the environment's overrides (one process per node, rendezvous
     address and port given); the last rank crashes at step 15 (injected from outside by
-    tests/workers/mingpt_faults.py, once), and MAX_RESTARTS=1 lets torchrun restart both nodes'
+    tools/mingpt_faults.py, once), and MAX_RESTARTS=1 lets torchrun restart both nodes'
     processes."""
     folder = tmp_path_factory.mktemp("mingpt_job")
     port = free_port()
@@ -234,7 +234,7 @@ def mingpt_job(cluster, tmp_path_factory):
         RDZV_PORT=port,
         LOCAL_ADDR="127.0.0.1",
         MAX_RESTARTS=1,
-        TRAIN_SCRIPT="tests/workers/mingpt_faults.py",
+        TRAIN_SCRIPT="tools/mingpt_faults.py",
     )
     assert state == "COMPLETED", output[-4000:]
     return SimpleNamespace(folder=folder, output=output, port=port)

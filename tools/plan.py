@@ -190,10 +190,10 @@ def gpu_check(m: machine.Machine, d: machine.Machine, sim: tuple) -> list:
               "trainer.log_file=fsdp.jsonl", *sim),
              "mingpt", g, (device_text(d, g), "strategy fsdp", "dtype float16",
                            "Finished training: steps 0-40")),
-        # The same run, whose last rank raises at step 30 (tests/workers/mingpt_faults.py, from
+        # The same run, whose last rank raises at step 30 (tools/mingpt_faults.py, from
         # outside the trainer); torchrun restarts every rank, and they resume from step 20.
         Step("resume", "the same, killed at step 30 and resumed: bit-identical",
-             (*torchrun(g, "--max-restarts", "1"), "tests/workers/mingpt_faults.py",
+             (*torchrun(g, "--max-restarts", "1"), "tools/mingpt_faults.py",
               "--crash-at-step", "30", *fsdp, "trainer.snapshot_path=resumed.pt",
               "trainer.log_file=resumed.jsonl", "trainer.resume=auto", *sim),
              "mingpt", g, ("simulated crash of rank", "resuming from resumed.pt at step 20",

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "minGPT-ddp"))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tools"))  # mingpt_faults
 import bench  # noqa: E402
 import config  # noqa: E402
 import ddp_setup  # noqa: E402

@@ -1,6 +1,6 @@
 """Run minGPT-ddp/main.py with a fault injected from outside: the trainer has no hooks for it.
 
-    torchrun --standalone --nproc-per-node 2 --max-restarts 1 tests/workers/mingpt_faults.py \
+    torchrun --standalone --nproc-per-node 2 --max-restarts 1 tools/mingpt_faults.py \
         --crash-at-step 15 --keep-snapshots trainer.strategy=fsdp trainer.resume=auto ...
 
 --crash-at-step K   once per run, the last rank raises as optimizer step K begins (and leaves the file
@@ -15,7 +15,7 @@ import shutil
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "minGPT-ddp"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "minGPT-ddp"))
 import main  # noqa: E402
 import trainer  # noqa: E402  (main's Trainer is this module's class: patching it patches the run)
 
@@ -29,7 +29,7 @@ def crash_at_step(crash_step: int):
         marker = Path(f"{self.tcfg.snapshot_path}.crashed")
         if it == crash_step and self.rt.rank == self.rt.world_size - 1 and not marker.exists():
             marker.touch()
-            raise RuntimeError(f"simulated crash of rank {self.rt.rank} at step {it} (tests/workers/mingpt_faults.py)")
+            raise RuntimeError(f"simulated crash of rank {self.rt.rank} at step {it} (tools/mingpt_faults.py)")
         return train_step(self, it)
 
     trainer.Trainer.train_step = crashing_train_step
