@@ -2,7 +2,8 @@
 #   make tour   run every step in order with small settings on the hardware present, then print a summary
 #   make test   run the test suite (real multi-process groups on CPU)
 # and, on a machine with NVIDIA GPUs:
-#   make gpu-check   every step on the GPU(s), the CUDA-only tests and minGPT-ddp's benchmark, in one table
+#   make gpu-check   step 06 with GradScaler and minGPT-ddp (FSDP fp16, killed and resumed, compiled
+#                    DDP benchmark in the best dtype: tokens/s, MFU) on the GPU(s), one table
 # All create a virtualenv in .venv and install what they need the first time.
 #
 # PyTorch: from PyPI, Linux gets the CUDA build (about 2.7 GB with its nvidia-* wheels), macOS and
