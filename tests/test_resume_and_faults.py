@@ -9,7 +9,9 @@ One chain of runs serves every test (starting processes is what costs time):
 Runs 2 and 3 must end where step 02's reference ends (tests/steptools.py: one process on the
 union of the batches) and bit for bit where each other ends.
 """
+import json
 import os
+import sys
 import shutil
 from argparse import Namespace
 
@@ -191,3 +193,21 @@ def test_a_crash_while_saving_leaves_the_previous_snapshot(tmp_path, readme_runs
     assert path.read_bytes() == before
     assert [p.name.startswith("snapshot.pt.tmp.") for p in tmp_path.iterdir()].count(True) == 1
     os.remove(next(p for p in tmp_path.iterdir() if p.name.startswith("snapshot.pt.tmp.")))
+
+
+def test_faults_puts_a_ranks_exception_into_torchruns_error_file(tmp_path, monkeypatch):
+    """faults.py's main has @record: under torchrun (TORCHELASTIC_ERROR_FILE), a rank's exception
+    lands in the error file torchrun's failure report reads. Kills: @record removed."""
+    step = tmp_path / "failing_step.py"
+    step.write_text("def parse_args(argv):\n    raise RuntimeError(f'bad arguments {argv}')\n")
+    error_file = tmp_path / "error.json"
+    monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(error_file))
+    monkeypatch.setattr(sys, "argv", ["faults.py", str(step), "--epochs", "2"])
+    monkeypatch.setattr(sys, "path", list(sys.path))  # load_step adds the step's folder
+    monkeypatch.setitem(sys.modules, "step_under_test", None)  # load_step registers the step
+    faults = load_script("tools/faults.py")
+    with pytest.raises(RuntimeError, match="bad arguments"):
+        faults.main()
+    error = json.loads(error_file.read_text())["message"]
+    assert error["message"] == "RuntimeError: bad arguments ['--epochs', '2']", error
+    assert 'failing_step.py", line 2, in parse_args' in error["extraInfo"]["py_callstack"]
