@@ -227,20 +227,20 @@ def torchrun(nproc, script, *args, standalone=True, extra=()):
     return cmd
 
 
-def start_nodes(folders, args, extra=(), timeout=180) -> list:
+def start_nodes(folders, args, extra=(), timeout=180, env=None) -> list:
     """Torchrun "nodes" on this machine, one process each, meeting through c10d rendezvous on
     127.0.0.1; node i works in folders[i] (its own disk). Returns each node's CompletedProcess once
     all have ended. A hang fails the test, with every node's session and workers killed; a clash on
-    the rendezvous port starts all nodes once more on another port."""
-    results = _start_nodes(folders, args, extra, timeout, free_port())
+    the rendezvous port starts all nodes once more on another port. env: cpu_env() by default."""
+    results = _start_nodes(folders, args, extra, timeout, free_port(), env)
     clashed = [r for r in results if r.returncode != 0 and port_clash(r)]
     if clashed:
         note("port retries", f"rendezvous port {clashed[0].port} taken: {' '.join(map(str, args))}")
-        results = _start_nodes(folders, args, extra, timeout, free_port())
+        results = _start_nodes(folders, args, extra, timeout, free_port(), env)
     return results
 
 
-def _start_nodes(folders, args, extra, timeout, port):
+def _start_nodes(folders, args, extra, timeout, port, env):
     procs, logs = [], []
     for node_rank, folder in enumerate(folders):
         cmd = torchrun(
@@ -273,7 +273,7 @@ def _start_nodes(folders, args, extra, timeout, port):
             subprocess.Popen(
                 [str(c) for c in cmd],
                 cwd=folder,
-                env=cpu_env(),
+                env=env or cpu_env(),
                 stdout=out,
                 stderr=err,
                 text=True,

@@ -82,7 +82,7 @@ with self.gradient_sync(enabled=micro_step == self.accum_steps - 1):"""),
         file="minGPT-ddp/main.py",
         find="        trainer = None  # the model holds the process group: let go of it first",
         replace="        pass  # the model holds the process group: let go of it first",
-        tests=[T + "test_mingpt_train.py::test_killed_and_restarted_run_ends_bit_identical"],
+        tests=[T + "test_mingpt_train.py::test_nodes_with_the_same_snapshot_resume_together"],
     ),
     # ---- the steps' teardown (plumbing.py, step 06) ----------------------------------------------
     dict(
