@@ -137,42 +137,114 @@ def exit_checked_env(**extra) -> dict:
 
 
 def pytest_sessionstart(session):
-    SESSION_START.extend([time.perf_counter(), cpu_seconds()])
+    SESSION_START.extend([time.perf_counter(), cpu_seconds(), own_seconds()])
 
 
-def cpu_seconds() -> float:
+def cpu_seconds(who=("RUSAGE_SELF", "RUSAGE_CHILDREN")) -> float:
     """CPU time of this process and of every process it has waited for (all the runs, the kernels);
     0 where there is no `resource` module (Windows)."""
     try:
         import resource
     except ImportError:
         return 0.0
-    return sum(
-        sum(resource.getrusage(who)[:2]) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
-    )
+    return sum(sum(resource.getrusage(getattr(resource, w))[:2]) for w in who)
+
+
+def own_seconds() -> float:
+    return cpu_seconds(who=("RUSAGE_SELF",))
 
 
 SESSION_START = []
+# What each pytest-xdist worker counted (see "Two workers" below), summed in the main process.
+WORKERS = {"cpu": 0.0, "launches": 0, "retries": []}
+
+
+def pytest_sessionfinish(session):
+    """In an xdist worker: hand its counts to the main process (pytest_testnodedown)."""
+    if hasattr(session.config, "workeroutput"):
+        session.config.workeroutput["counts"] = json.dumps({
+            "cpu": cpu_seconds() - SESSION_START[1], "launches": LAUNCHES[0],
+            "retries": TOLERATED["port retries"]})
+
+
+@pytest.hookimpl(optionalhook=True)  # an xdist hook
+def pytest_testnodedown(node, error):
+    counts = json.loads(getattr(node, "workeroutput", {}).get("counts", "{}"))
+    WORKERS["cpu"] += counts.get("cpu", 0.0)
+    WORKERS["launches"] += counts.get("launches", 0)
+    WORKERS["retries"] += counts.get("retries", [])
 
 
 def pytest_terminal_summary(terminalreporter):
     """The port retries, visible in every run's summary; and how many cores the session kept busy
-    on average (CPU time / wall time: near the core count, running tests in parallel cannot make
+    on average (CPU time / wall time: near the core count, running more tests at a time cannot make
     the suite faster)."""
-    retries = TOLERATED["port retries"]
+    retries = TOLERATED["port retries"] + WORKERS["retries"]
     terminalreporter.section("tolerated")
-    wall, cpu = time.perf_counter() - SESSION_START[0], cpu_seconds() - SESSION_START[1]
+    wall = time.perf_counter() - SESSION_START[0]
+    # the workers' own count, or this process's children's where the workers have ended by now
+    cpu = max(cpu_seconds() - SESSION_START[1], own_seconds() - SESSION_START[2] + WORKERS["cpu"])
     terminalreporter.write_line(
         f"CPU time {cpu:.0f} s in {wall:.0f} s: {cpu / wall:.2f} of "
         f"{os.cpu_count()} cores busy on average (load average at the end: "
         f"{os.getloadavg()[0]:.1f})"
     )
     terminalreporter.write_line(
-        f"Launches repeated after a port clash: {len(retries)} (of {LAUNCHES[0]} commands "
-        f"started through conftest)"
+        f"Launches repeated after a port clash: {len(retries)} (of "
+        f"{LAUNCHES[0] + WORKERS['launches']} commands started through conftest)"
     )
     for line in retries:
         terminalreporter.write_line(f"  {line}")
+
+
+# ---- Two workers ---------------------------------------------------------------------------------
+# pytest.ini runs the suite in pytest-xdist workers (-n auto: one per core, at most 4): most tests
+# wait on their processes part of the time (starting, a rendezvous, a timeout they provoke), and
+# one test at a time kept this 2-core machine 1.45 cores busy. The tests that share a fixture of
+# module or session scope run in the same worker, so that it runs once: a group per test module,
+# except the notebooks, each of which is a group of its own, and notebook 07, which test_ddp_errors
+# reads (conftest's executed_notebook). The largest groups start first: the last to end decides.
+MAX_WORKERS = 4
+LARGEST_FIRST = ["test_machines.py:tour", "07", "test_machines.py:gpu-check",
+                 "test_notebooks.py::test_notebook_runs_and_draws[04_mixed_precision]",
+                 "test_06_amp.py", "test_mingpt_train.py", "test_resume_and_faults.py",
+                 "test_notebooks.py::test_notebook_runs_and_draws[03_scaling]", "test_slurm.py"]
+
+
+def test_group(nodeid: str) -> str:
+    """The group of a test, from its id ("tests/test_x.py::test_y[z]")."""
+    module = nodeid.split("::")[0].split("/")[-1]
+    if module == "test_notebooks.py" and "[" in nodeid:
+        return "07" if "07_ddp_errors" in nodeid else nodeid.split("/")[-1]
+    if module == "test_ddp_errors.py":
+        return "07"
+    if module == "test_machines.py" and re.search(r"::test_the_(tour|gpu_check)_", nodeid):
+        # the simulations (machines_sim.py): the tour's runs for one machine serve the others
+        return module + (":tour" if "::test_the_tour_" in nodeid else ":gpu-check")
+    return module
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_auto_num_workers(config):
+    return min(os.cpu_count() or 1, MAX_WORKERS)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    from xdist.scheduler import LoadScopeScheduling
+
+    class Groups(LoadScopeScheduling):
+        def _split_scope(self, nodeid):
+            return test_group(nodeid)
+
+        def _assign_work_unit(self, node):
+            for group in LARGEST_FIRST:  # the first of these still waiting goes first
+                if group in self.workqueue:
+                    self.workqueue.move_to_end(group, last=False)
+                    break
+            super()._assign_work_unit(node)
+
+    return Groups(config, log)
 
 
 # ---- Running commands ----------------------------------------------------------------------------
@@ -471,3 +543,4 @@ def stream_text(cell) -> str:
     return "".join(
         o.get("text", "") for o in cell.get("outputs", []) if o.get("output_type") == "stream"
     )
+

@@ -85,7 +85,7 @@ def test_the_tour_planned_for_the_machine_runs_here(simulated, name):
 
 
 @pytest.mark.parametrize("name", WITH_GPU_CHECK)
-def test_gpu_check_planned_for_the_machine_runs_here(simulated, name):
+def test_the_gpu_check_planned_for_the_machine_runs_here(simulated, name):
     simulate(name)
     runs = simulated.runs(name, "gpu-check")
     assert [r.step.key for r in runs] == ["06", "fsdp", "resume", "bench"]
@@ -99,7 +99,7 @@ def test_the_tour_shows_output_in_the_order_it_was_printed(simulated):
         "Resuming from snapshot.pt at Epoch 4")
 
 
-def test_the_resume_row_tells_different_snapshots_apart(simulated, tmp_path):
+def test_the_gpu_check_resume_row_tells_different_snapshots_apart(simulated, tmp_path):
     (resume,) = [r for r in simulated.runs("t4", "gpu-check") if r.step.key == "resume"]
     reference = resume.folder / "fsdp.pt"
     assert plan.same_state(reference, resume.folder / "resumed.pt")
