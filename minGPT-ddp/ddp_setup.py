@@ -6,6 +6,7 @@ The same code serves three ways of starting:
     RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE, MASTER_ADDR and MASTER_PORT;
   * any launcher that sets those variables itself.
 """
+import gc
 import os
 import socket
 import sys
@@ -16,6 +17,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 import torch.distributed.nn  # noqa: F401  before init_process_group: see stop()
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 import machine
 
@@ -154,16 +156,34 @@ def store_for_this_attempt(timeout: timedelta) -> dist.Store:
     return dist.PrefixStore(f"attempt_{attempt}", store)
 
 
+# The meshes device_mesh() made: stop() takes their process groups away from them.
+_meshes = []
+
+
+def device_mesh(rt: Runtime) -> DeviceMesh:
+    """All ranks in one dimension, on this rank's device type: where FSDP puts its shards."""
+    mesh = init_device_mesh(rt.device.type, (rt.world_size,))
+    _meshes.append(mesh)
+    return mesh
+
+
 def stop(rt: Runtime):
     """Tear the process group down; called from a `finally:`, so also when this rank is failing.
 
     The caller drops its model first (DDP and FSDP hold the group), and torch.distributed.nn is
     imported above, before any group exists (imported later, its functions keep the default
-    group in their default arguments). Then nothing else holds the group, and destroying it
-    joins Gloo's worker threads while Python is fully alive. One still running at exit can
-    abort a finished run (tools/exit_abort/FINDINGS.md); one that must give its last tensor
-    back to a model being deleted can deadlock.
+    group in their default arguments). FSDP's modules and their state refer to each other: a
+    dropped FSDP model is freed only by the garbage collector, run here. A DeviceMesh keeps its
+    groups too (torch 2.13: `_pg_registry`) and outlives the model (DTensor's caches keep it): its
+    groups are taken away from it. Then nothing else holds the group, and destroying it joins
+    Gloo's worker threads while Python is fully alive. One still running at exit can abort a
+    finished run (tools/exit_abort/FINDINGS.md); one that must give its last tensor back to a
+    model being deleted can deadlock.
     """
+    for mesh in _meshes:
+        getattr(mesh, "_pg_registry", {}).clear()
+    _meshes.clear()
+    gc.collect()
     if rt.distributed and dist.is_initialized():
         if sys.exc_info()[0] is None:  # a failing rank must not wait for peers that may be gone
             dist.barrier()  # every rank leaves together

@@ -27,7 +27,6 @@ import torch
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                      get_optimizer_state_dict, set_model_state_dict,
                                                      set_optimizer_state_dict)
-from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.optim import ZeroRedundancyOptimizer
@@ -172,7 +171,7 @@ def shard(model: GPT, rt: ddp_setup.Runtime, dtype: torch.dtype,
     backward (ZeRO-2: one gather per block instead of two, whole weights held meanwhile)."""
     low_precision = dtype if dtype != torch.float32 else None
     policy = MixedPrecisionPolicy(param_dtype=low_precision, reduce_dtype=torch.float32)
-    mesh = init_device_mesh(rt.device.type, (rt.world_size,))  # the shards go to this rank's device
+    mesh = ddp_setup.device_mesh(rt)  # the shards go to this rank's device
     for block in model.blocks:
         fully_shard(block, mesh=mesh, mp_policy=policy,
                     reshard_after_forward=reshard_after_forward)

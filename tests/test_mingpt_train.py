@@ -83,16 +83,17 @@ THREE_RANKS = {  # 24 sequences per step, or 48 with 2 micro-steps
 }
 
 
-def train_in_turn(out, runs: dict, nproc: int):
+def train_in_turn(out, runs: dict, nproc: int, env=None):
     specs = [f"{name}:{','.join(overrides)}" for name, overrides in runs.items()]
-    proc = run(torchrun(nproc, WORKER, out, *specs, "--", *COMMON), cwd=out, timeout=400)
+    proc = run(torchrun(nproc, WORKER, out, *specs, "--", *COMMON), cwd=out, timeout=400, env=env)
     assert proc.stdout.count(" finished at step ") == len(runs), proc.stdout[-3000:]
     return out
 
 
 @pytest.fixture(scope="module")
 def two(tmp_path_factory):
-    return train_in_turn(tmp_path_factory.mktemp("two_ranks"), TWO_RANKS, 2)
+    # exit-checked: after its FSDP runs, no Gloo thread may be left at exit (ddp_setup.stop)
+    return train_in_turn(tmp_path_factory.mktemp("two_ranks"), TWO_RANKS, 2, exit_checked_env())
 
 
 @pytest.fixture(scope="module")

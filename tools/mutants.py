@@ -84,6 +84,24 @@ with self.gradient_sync(enabled=micro_step == self.accum_steps - 1):"""),
         replace="        pass  # the model holds the process group: let go of it first",
         tests=[T + "test_mingpt_train.py::test_nodes_with_the_same_snapshot_resume_together"],
     ),
+    dict(
+        name="fsdp-mesh-keeps-group",
+        why="ddp_setup.stop() leaves the DeviceMesh its process group: the mesh outlives the model "
+        "and keeps Gloo's threads (the exit abort, under FSDP)",
+        file="minGPT-ddp/ddp_setup.py",
+        find='        getattr(mesh, "_pg_registry", {}).clear()',
+        replace="        pass",
+        tests=[T + "test_mingpt_train.py::test_accumulation_is_a_mean_over_the_larger_batch"],
+    ),
+    dict(
+        name="fsdp-model-not-collected",
+        why="no gc.collect() in ddp_setup.stop(): a dropped FSDP model (a reference cycle) still "
+        "holds the group when it is destroyed",
+        file="minGPT-ddp/ddp_setup.py",
+        find="    gc.collect()\n    if rt.distributed",
+        replace="    if rt.distributed",
+        tests=[T + "test_mingpt_train.py::test_accumulation_is_a_mean_over_the_larger_batch"],
+    ),
     # ---- the steps' teardown (plumbing.py, step 06) ----------------------------------------------
     dict(
         name="late-torch-distributed-nn",
@@ -258,15 +276,17 @@ def scratch_copy() -> Path:
     return root
 
 
-def pytest(root: Path, tests: list, log: Path) -> tuple:
-    """Run the tests in the scratch copy; (pytest's exit code, seconds). Output goes to `log`."""
+def pytest(root: Path, tests: list, log: Path, first_failure_ends: bool = True) -> tuple:
+    """Run the tests in the scratch copy; (pytest's exit code, seconds). Output goes to `log`.
+    first_failure_ends: one test at a time (-n 0; pytest-xdist would report -x's stop as an
+    interruption, exit code 2), ending at the first failure; else as pytest.ini says."""
     start = time.perf_counter()
     done = proc.run(
         [
             sys.executable,
             "-m",
             "pytest",
-            "-x",
+            *(["-n", "0", "-x"] if first_failure_ends else []),
             "-q",
             "-p",
             "no:cacheprovider",
@@ -318,7 +338,7 @@ def main():
     logs.mkdir()
     everything = sorted({t for m in mutants for t in m["tests"]})
     if not args.skip_baseline:
-        code, seconds = pytest(root, everything, logs / "baseline.log")
+        code, seconds = pytest(root, everything, logs / "baseline.log", first_failure_ends=False)
         result = "passed" if code == 0 else verdict(code)
         print(f"baseline (unmutated, {len(everything)} tests): {result} in {seconds:.0f} s",
               flush=True)
