@@ -83,17 +83,16 @@ THREE_RANKS = {  # 24 sequences per step, or 48 with 2 micro-steps
 }
 
 
-def train_in_turn(out, runs: dict, nproc: int, env=None):
+def train_in_turn(out, runs: dict, nproc: int):
     specs = [f"{name}:{','.join(overrides)}" for name, overrides in runs.items()]
-    proc = run(torchrun(nproc, WORKER, out, *specs, "--", *COMMON), cwd=out, timeout=400, env=env)
+    proc = run(torchrun(nproc, WORKER, out, *specs, "--", *COMMON), cwd=out, timeout=400)
     assert proc.stdout.count(" finished at step ") == len(runs), proc.stdout[-3000:]
     return out
 
 
 @pytest.fixture(scope="module")
 def two(tmp_path_factory):
-    # exit-checked: after its FSDP runs, no Gloo thread may be left at exit (ddp_setup.stop)
-    return train_in_turn(tmp_path_factory.mktemp("two_ranks"), TWO_RANKS, 2, exit_checked_env())
+    return train_in_turn(tmp_path_factory.mktemp("two_ranks"), TWO_RANKS, 2)
 
 
 @pytest.fixture(scope="module")
@@ -263,13 +262,14 @@ def test_float16_clips_the_true_gradients(two):
 def crashed_and_restarted(tmp_path_factory):
     """The `fsdp` run of TWO_RANKS under main.py, snapshots at steps 5 and 10; rank 1 crashes as
     step 7 begins (injected from outside: tools/mingpt_faults.py); torchrun restarts both
-    ranks, which resume from step 5 (trainer.resume=auto)."""
+    ranks, which resume from step 5 (trainer.resume=auto). Exit-checked: no Gloo thread may be
+    left at exit after an FSDP run either (ddp_setup.stop)."""
     out = tmp_path_factory.mktemp("crash")
     proc = run(torchrun(2, "tools/mingpt_faults.py", "--crash-at-step", "7", *COMMON,
                         *TWO_RANKS["fsdp"], "trainer.resume=auto",
                         f"trainer.snapshot_path={out / 'run.pt'}",
                         f"trainer.log_file={out / 'run.jsonl'}", extra=["--max-restarts", "1"]),
-               cwd=out)
+               cwd=out, env=exit_checked_env())
     return out, proc
 
 

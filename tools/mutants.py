@@ -91,7 +91,7 @@ with self.gradient_sync(enabled=micro_step == self.accum_steps - 1):"""),
         file="minGPT-ddp/ddp_setup.py",
         find='        getattr(mesh, "_pg_registry", {}).clear()',
         replace="        pass",
-        tests=[T + "test_mingpt_train.py::test_accumulation_is_a_mean_over_the_larger_batch"],
+        tests=[T + "test_mingpt_train.py::test_what_a_learner_sees"],
     ),
     dict(
         name="fsdp-model-not-collected",
@@ -100,7 +100,7 @@ with self.gradient_sync(enabled=micro_step == self.accum_steps - 1):"""),
         file="minGPT-ddp/ddp_setup.py",
         find="    gc.collect()\n    if rt.distributed",
         replace="    if rt.distributed",
-        tests=[T + "test_mingpt_train.py::test_accumulation_is_a_mean_over_the_larger_batch"],
+        tests=[T + "test_mingpt_train.py::test_what_a_learner_sees"],
     ),
     # ---- the steps' teardown (plumbing.py, step 06) ----------------------------------------------
     dict(
