@@ -184,10 +184,10 @@ def pytest_terminal_summary(terminalreporter):
     wall = time.perf_counter() - SESSION_START[0]
     # the workers' own count, or this process's children's where the workers have ended by now
     cpu = max(cpu_seconds() - SESSION_START[1], own_seconds() - SESSION_START[2] + WORKERS["cpu"])
+    load = f"{os.getloadavg()[0]:.1f}" if hasattr(os, "getloadavg") else "- (Windows)"
     terminalreporter.write_line(
         f"CPU time {cpu:.0f} s in {wall:.0f} s: {cpu / wall:.2f} of "
-        f"{os.cpu_count()} cores busy on average (load average at the end: "
-        f"{os.getloadavg()[0]:.1f})"
+        f"{os.cpu_count()} cores busy on average (load average at the end: {load})"
     )
     terminalreporter.write_line(
         f"Launches repeated after a port clash: {len(retries)} (of "
