@@ -94,14 +94,16 @@ print("finished", flush=True)
 def test_the_exit_check_fails_a_process_that_leaves_gloos_threads_running(tmp_path, teardown):
     """exit_checked_env() (tools/exit_abort/starve in strict mode), which the step tests use: the
     teardown without the fix (the model alive, torch.distributed.nn imported by DDP after init)
-    leaves Gloo's threads running and fails with exit 86 every time; the fixed one exits 0."""
+    leaves Gloo's threads running after destroy_process_group() and fails there with exit 86 every
+    time; the fixed one exits 0."""
     script = tmp_path / "teardown.py"
     script.write_text(TEARDOWN)
     done = run([sys.executable, script, teardown if teardown == "fixed" else "plain", free_port()],
                cwd=tmp_path, timeout=120, env=exit_checked_env(), check=False)
-    assert "finished" in done.stdout, done.stderr[-2000:]
     if teardown == "fixed":
-        assert done.returncode == 0, done.stderr[-2000:]
+        assert done.returncode == 0 and "finished" in done.stdout, done.stderr[-2000:]
     else:
         assert done.returncode == 86, done.stderr[-2000:]
-        assert "Gloo worker thread(s) still running at exit" in done.stderr
+        assert "finished" not in done.stdout
+        assert ("Gloo worker thread(s) still running after destroy_process_group()"
+                in done.stderr), done.stderr[-2000:]

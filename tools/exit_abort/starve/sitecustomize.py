@@ -12,8 +12,9 @@ Gloo thread that still has a tensor to release then waits for the GIL when the i
 starts finalizing, and takes the process down. A script whose destroy_process_group() joined
 Gloo's threads has none left by then. Linux only.
 
-EXIT_ABORT_STRICT=1 (how the tests use it): a Gloo thread still alive at exit ends the process
-with exit code 86 and one line, every time, instead of the abort now and then.
+EXIT_ABORT_STRICT=1 (how the tests use it): a Gloo thread still alive right after
+destroy_process_group() (on a rank that is not failing) or at exit ends the process with exit code
+86 and one line, every time, instead of the abort now and then.
 """
 import atexit
 import functools
@@ -101,6 +102,25 @@ class StarveAfterInit(importlib.abc.MetaPathFinder):
                 starve(before)
 
             module.init_process_group = init_process_group
+            destroy = module.destroy_process_group
+
+            @functools.wraps(destroy)
+            def destroy_process_group(*args, **kwargs):
+                destroy(*args, **kwargs)
+                # Strict, on a rank that is not failing, after the default group went: it must
+                # have joined Gloo's threads (threads joined later, say as the model is freed,
+                # are the deadlock of FINDINGS.md waiting to happen).
+                if (os.environ.get("EXIT_ABORT_STRICT") == "1" and sys.exc_info()[0] is None
+                        and not args and kwargs.get("group") is None):
+                    alive = [t for t in GLOO_THREADS if os.path.exists(f"/proc/self/task/{t}")]
+                    if alive:
+                        print(f"error: {len(alive)} Gloo worker thread(s) still running after "
+                              f"destroy_process_group(): something still holds the process group "
+                              f"(a DDP model? tools/exit_abort/FINDINGS.md)",
+                              file=sys.stderr, flush=True)
+                        os._exit(86)
+
+            module.destroy_process_group = destroy_process_group
 
         spec.loader.exec_module = exec_module
         return spec
