@@ -124,7 +124,8 @@ def cpu_env(**extra) -> dict:
 # and minGPT-ddp end it at its cause: destroy_process_group() joins Gloo's threads because nothing
 # else holds the group. No test tolerates the abort. Chosen runs (one per step, two of minGPT-ddp:
 # DDP nodes, FSDP crashed and restarted) go further with exit_checked_env(): a Gloo thread
-# still alive at exit fails the run every time (exit 86, one line), not one run in thirty.
+# still alive after destroy_process_group() or at exit fails the run every time (exit 86, one
+# line), not one run in thirty.
 STARVE = REPO / "tools" / "exit_abort" / "starve"
 
 
