@@ -212,7 +212,7 @@ LARGEST_FIRST = ["test_machines.py:tour", "07", "test_machines.py:gpu-check",
                  "test_notebooks.py::test_notebook_runs_and_draws[03_scaling]", "test_slurm.py"]
 
 
-def test_group(nodeid: str) -> str:
+def xdist_group_of(nodeid: str) -> str:
     """The group of a test, from its id ("tests/test_x.py::test_y[z]")."""
     module = nodeid.split("::")[0].split("/")[-1]
     if module == "test_notebooks.py" and "[" in nodeid:
@@ -236,7 +236,7 @@ def pytest_xdist_make_scheduler(config, log):
 
     class Groups(LoadScopeScheduling):
         def _split_scope(self, nodeid):
-            return test_group(nodeid)
+            return xdist_group_of(nodeid)
 
         def _assign_work_unit(self, node):
             for group in LARGEST_FIRST:  # the first of these still waiting goes first
@@ -544,4 +544,3 @@ def stream_text(cell) -> str:
     return "".join(
         o.get("text", "") for o in cell.get("outputs", []) if o.get("output_type") == "stream"
     )
-

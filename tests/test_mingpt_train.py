@@ -262,8 +262,8 @@ def test_float16_clips_the_true_gradients(two):
 def crashed_and_restarted(tmp_path_factory):
     """The `fsdp` run of TWO_RANKS under main.py, snapshots at steps 5 and 10; rank 1 crashes as
     step 7 begins (injected from outside: tools/mingpt_faults.py); torchrun restarts both
-    ranks, which resume from step 5 (trainer.resume=auto). Exit-checked: no Gloo thread may be
-    left at exit after an FSDP run either (ddp_setup.stop)."""
+    ranks, which resume from step 5 (trainer.resume=auto). Exit-checked: an FSDP run too must
+    leave no Gloo thread after destroy_process_group() (ddp_setup.stop)."""
     out = tmp_path_factory.mktemp("crash")
     proc = run(torchrun(2, "tools/mingpt_faults.py", "--crash-at-step", "7", *COMMON,
                         *TWO_RANKS["fsdp"], "trainer.resume=auto",

@@ -51,19 +51,24 @@ def starve(before: dict):
                 pass
 
 
-def run_gloo_threads_late():
-    """The last atexit handler: Gloo's threads run again and wait for the GIL this thread holds.
-    With EXIT_ABORT_STRICT=1 (the tests) a Gloo thread still alive here fails the process at
-    once (exit 86), whether or not it would have aborted: a certain failure, not a race."""
-    if not GLOO_THREADS:
-        return
+def fail_if_gloo_threads_run(when: str):
+    """With EXIT_ABORT_STRICT=1 (the tests): a Gloo thread still alive now fails the process at
+    once (exit 86, one line), whether or not it would have aborted: a certain failure, not a
+    race."""
     alive = [tid for tid in GLOO_THREADS if os.path.exists(f"/proc/self/task/{tid}")]
     if alive and os.environ.get("EXIT_ABORT_STRICT") == "1":
-        print(f"error: {len(alive)} Gloo worker thread(s) still running at exit: something still "
-              f"holds the process group after destroy_process_group() (a DDP model? "
-              f"torch.distributed.nn imported after init? tools/exit_abort/FINDINGS.md)",
-              file=sys.stderr, flush=True)
+        print(f"error: {len(alive)} Gloo worker thread(s) still running {when}: something still "
+              f"holds the process group (a DDP model? torch.distributed.nn imported after init? "
+              f"tools/exit_abort/FINDINGS.md)", file=sys.stderr, flush=True)
         os._exit(86)
+
+
+def run_gloo_threads_late():
+    """The last atexit handler: Gloo's threads run again and wait for the GIL this thread holds
+    (strict: none may be left)."""
+    if not GLOO_THREADS:
+        return
+    fail_if_gloo_threads_run("at exit")
     cpus = set(range(os.cpu_count() or 1))
     for tid in GLOO_THREADS:
         try:
@@ -107,18 +112,11 @@ class StarveAfterInit(importlib.abc.MetaPathFinder):
             @functools.wraps(destroy)
             def destroy_process_group(*args, **kwargs):
                 destroy(*args, **kwargs)
-                # Strict, on a rank that is not failing, after the default group went: it must
-                # have joined Gloo's threads (threads joined later, say as the model is freed,
-                # are the deadlock of FINDINGS.md waiting to happen).
-                if (os.environ.get("EXIT_ABORT_STRICT") == "1" and sys.exc_info()[0] is None
-                        and not args and kwargs.get("group") is None):
-                    alive = [t for t in GLOO_THREADS if os.path.exists(f"/proc/self/task/{t}")]
-                    if alive:
-                        print(f"error: {len(alive)} Gloo worker thread(s) still running after "
-                              f"destroy_process_group(): something still holds the process group "
-                              f"(a DDP model? tools/exit_abort/FINDINGS.md)",
-                              file=sys.stderr, flush=True)
-                        os._exit(86)
+                # On a rank that is not failing, once the default group is gone, its Gloo threads
+                # must be joined (joined later, say as the model is freed, they are the deadlock
+                # of FINDINGS.md waiting to happen).
+                if sys.exc_info()[0] is None and not args and kwargs.get("group") is None:
+                    fail_if_gloo_threads_run("after destroy_process_group()")
 
             module.destroy_process_group = destroy_process_group
 
